@@ -1,0 +1,847 @@
+#!/usr/bin/env python3
+"""execc: run a command through an execd daemon, the way `lxc exec` does.
+
+execc connects to execd (a unix socket by default, or TCP with a token),
+asks it to run COMMAND, and behaves as if COMMAND ran here: stdin goes in with
+its end of file, stdout and stderr come back byte-exact and separate (or, in
+pty mode, as one terminal), signals sent to execc reach the command, and
+execc exits with the command's status.  It needs only the Python standard
+library, 3.6 or newer, and runs when copied alone onto a host.
+
+Usage:
+    execc.py [OPTIONS] [DESTINATION] -- COMMAND [ARG...]
+    execc.py [OPTIONS] [DESTINATION]          (a login shell in a pty)
+
+DESTINATION is `unix:PATH`, a path containing `/`, `HOST:PORT` or
+`[V6ADDR]:PORT`; the default is execd's default socket ($EXECD_SOCKET, else
+$XDG_RUNTIME_DIR/execd/execd.sock, else /tmp/execd-UID/execd.sock).
+
+Protocol (version 1): a summary; execd.py's docstring and README.md have the
+full table.  Each frame is a 4-byte big-endian payload length, a 1-byte type,
+then the payload (JSON object for control frames, raw bytes for data):
+
+    0x01 HELLO  0x02 AUTH  0x03 AUTH_OK  0x04 REQUEST  0x05 STARTED
+    0x10 STDIN  0x11 STDIN_EOF  0x12 SIGNAL  0x13 WINSIZE  0x14 OUTPUT_CLOSED
+    0x20 STDOUT  0x21 STDERR  0x22 STDIN_WINDOW  0x23 EXIT  0x7f ERROR
+
+The frame code below is a copy of execd.py's, kept in step by hand, because
+each script must run alone.
+
+Exit status: the command's own code; 128+n when signal n killed it; 127 when
+the command was not found, 126 when it could not be executed, 125 when the
+daemon could not set it up (cwd, user); 255 for execc's own failures.
+
+Limitations:
+  - SIGKILL and SIGSTOP to execc cannot be forwarded or handled: SIGKILL
+    leaves the terminal in raw mode in pty mode (run `stty sane`), and the
+    daemon hangs the session up when the connection drops.
+"""
+
+import argparse
+import errno
+import json
+import os
+import selectors
+import signal
+import socket
+import struct
+import sys
+import time
+
+VERSION = "1.0.0"
+PROTOCOL_VERSION = 1
+
+HEADER = struct.Struct("!IB")  # payload length, frame type
+WINDOW = struct.Struct("!I")   # STDIN_WINDOW payload: bytes granted
+
+HELLO = 0x01
+AUTH = 0x02
+AUTH_OK = 0x03
+REQUEST = 0x04
+STARTED = 0x05
+STDIN = 0x10
+STDIN_EOF = 0x11
+SIGNAL = 0x12
+WINSIZE = 0x13
+OUTPUT_CLOSED = 0x14
+STDOUT = 0x20
+STDERR = 0x21
+STDIN_WINDOW = 0x22
+EXIT = 0x23
+ERROR = 0x7F
+
+MAX_FRAME = 1 << 20   # the daemon sends data frames of at most 64 KiB
+NONCE_BYTES = 32
+CLIENT_MAC_LABEL = b"execc client\0"
+DAEMON_MAC_LABEL = b"execd daemon\0"
+
+STDIN_FILENO = 0
+STDOUT_FILENO = 1
+STDERR_FILENO = 2
+
+READ_SIZE = 256 * 1024
+HANDSHAKE_TIMEOUT = 30.0  # seconds for connect, authentication and request
+
+EXIT_CLIENT_FAILURE = 255  # execc's own failures, as ssh uses
+
+# Signals execc forwards to the command.  WINCH becomes a WINSIZE frame.
+FORWARDED_SIGNALS = ("TERM", "HUP", "INT", "QUIT", "USR1", "USR2")
+# The third SIGINT or SIGTERM within this many seconds disconnects, so a
+# command that ignores them cannot hold the user; the daemon then hangs up.
+ESCALATION_COUNT = 3
+ESCALATION_WINDOW = 5.0
+
+DEFAULT_ROWS, DEFAULT_COLS = 24, 80
+
+
+class ClientError(Exception):
+    """A failure of execc itself: printed as one line, exit status 255."""
+
+
+# --- Frames (a copy of execd.py's) -------------------------------------------
+
+class FrameReader:
+    """Split a byte stream into (type, payload) frames, enforcing max_payload."""
+
+    def __init__(self, max_payload):
+        self.buffer = bytearray()
+        self.position = 0
+        self.max_payload = max_payload
+
+    def feed(self, data):
+        if self.position > len(self.buffer) // 2:
+            del self.buffer[:self.position]
+            self.position = 0
+        self.buffer += data
+
+    def next_frame(self):
+        """Return the next complete (type, payload), or None if none is whole."""
+        available = len(self.buffer) - self.position
+        if available < HEADER.size:
+            return None
+        length, frame_type = HEADER.unpack_from(self.buffer, self.position)
+        if length > self.max_payload:
+            raise ClientError("the daemon sent a frame of %d bytes, above the maximum "
+                              "of %d: is this an execd daemon?" % (length, self.max_payload))
+        if available < HEADER.size + length:
+            return None
+        start = self.position + HEADER.size
+        payload = bytes(self.buffer[start:start + length])
+        self.position = start + length
+        return frame_type, payload
+
+
+def encode_json(obj):
+    return json.dumps(obj, separators=(",", ":")).encode("utf-8")
+
+
+def decode_json(payload):
+    try:
+        obj = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise ClientError("the daemon sent an invalid control frame")
+    if not isinstance(obj, dict):
+        raise ClientError("the daemon sent an invalid control frame")
+    return obj
+
+
+def signal_number(name):
+    """Return the local number for a signal name such as "TERM", or None."""
+    value = getattr(signal, "SIG" + name, None) if str(name).isalnum() else None
+    return int(value) if isinstance(value, int) else None
+
+
+# --- Addresses (a copy of execd.py's) -----------------------------------------
+
+def default_socket_path():
+    if os.environ.get("EXECD_SOCKET"):
+        return os.environ["EXECD_SOCKET"]
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return os.path.join(runtime, "execd", "execd.sock")
+    return "/tmp/execd-%d/execd.sock" % os.getuid()
+
+
+def parse_address(text):
+    """Parse an address: ("unix", path) or ("tcp", host, port)."""
+    if text.startswith("unix:"):
+        if len(text) == 5:
+            raise ValueError("invalid destination %r: unix: needs a path" % text)
+        return ("unix", text[5:])
+    if "/" in text:
+        return ("unix", text)
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        if not sep or not host:
+            raise ValueError("invalid destination %r: expected [V6ADDR]:PORT" % text)
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep or not host or ":" in host:
+            raise ValueError(
+                "invalid destination %r: expected unix:PATH, a path containing '/', "
+                "HOST:PORT or [V6ADDR]:PORT; a command goes after --, as in: "
+                "execc.py -- %s" % (text, text))
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("invalid port in destination %r: expected 1-65535" % text)
+    return ("tcp", host, int(port))
+
+
+def format_address(address):
+    if address[0] == "unix":
+        return "unix:" + address[1]
+    host = address[1]
+    return "[%s]:%d" % (host, address[2]) if ":" in host else "%s:%d" % (host, address[2])
+
+
+# --- Command line ------------------------------------------------------------
+
+USAGE = "execc.py [OPTIONS] [DESTINATION] [-- COMMAND [ARG...]]"
+
+
+def parse_args(argv):
+    """Parse the options before "--"; everything after it is the command."""
+    if "--" in argv:
+        split = argv.index("--")
+        options, command = argv[:split], argv[split + 1:]
+    else:
+        options, command = argv, []
+    parser = argparse.ArgumentParser(
+        prog="execc.py", usage=USAGE,
+        description="Run COMMAND through an execd daemon and exit with its status. "
+                    "Without a command, start a login shell in a pty.",
+        epilog="Pty mode is used when -t is given, or when no -T is given and both stdin "
+               "and stdout are terminals (or there is no command).  In pty mode, "
+               "~. at the start of a line disconnects and ~? lists the escapes.  "
+               "Exit status: the command's; 128+n if signal n killed it; 127 not "
+               "found; 126 not executable; 125 setup failed; 255 execc failed.")
+    parser.add_argument("destination", nargs="?", metavar="DESTINATION",
+                        help="unix:PATH, a path containing '/', HOST:PORT or "
+                             "[V6ADDR]:PORT (default: %s)" % default_socket_path())
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("-t", dest="tty", action="store_true", default=None,
+                      help="force a pty, even when stdin is not a terminal")
+    mode.add_argument("-T", dest="tty", action="store_false",
+                      help="never a pty: pipes, with stdout and stderr kept apart")
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="set a variable for the command, repeatable; KEY alone "
+                             "passes this side's value")
+    parser.add_argument("--cwd", metavar="DIR",
+                        help="working directory (default: the user's home)")
+    parser.add_argument("--user", metavar="NAME",
+                        help="run as this user (root daemon; root or token clients only)")
+    parser.add_argument("--group", metavar="NAME", help="run with this group")
+    parser.add_argument("--token-file", metavar="FILE",
+                        help="shared secret for a TCP daemon (mode 600)")
+    parser.add_argument("--tls", action="store_true", help="use TLS to a TCP daemon")
+    parser.add_argument("--tls-ca", metavar="FILE",
+                        help="with --tls: CA certificates that verify the daemon")
+    parser.add_argument("--tls-fingerprint", metavar="SHA256",
+                        help="with --tls: accept only a daemon certificate with "
+                             "this SHA-256 fingerprint (hex)")
+    parser.add_argument("-e", dest="escape", default="~", metavar="CHAR",
+                        help="escape character in pty mode (default: ~); 'none' "
+                             "disables it")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="do not report output discarded at the end")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also report background processes holding output open")
+    parser.add_argument("--version", action="version", version="execc %s (protocol %d)"
+                        % (VERSION, PROTOCOL_VERSION))
+    args = parser.parse_args(options)
+    args.command = command
+    check_args(parser, args)
+    return args
+
+
+def check_args(parser, args):
+    """Validate option values; parser.error() prints one line and exits 2."""
+    try:
+        args.address = parse_address(args.destination or default_socket_path())
+    except ValueError as e:
+        parser.error(str(e))
+    args.environment = {}
+    for entry in args.env:
+        key, sep, value = entry.partition("=")
+        if not sep:
+            if key not in os.environ:
+                parser.error("invalid --env %r: %s is not set here; use --env %s=VALUE"
+                             % (entry, key, key))
+            value = os.environ[key]
+        if not key or "\0" in entry:
+            parser.error("invalid --env %r: expected KEY=VALUE with a non-empty KEY" % entry)
+        args.environment[key] = value
+    if args.escape == "none":
+        args.escape_byte = None
+    elif len(args.escape) == 1 and ord(args.escape) < 128:
+        args.escape_byte = ord(args.escape)
+    elif len(args.escape) == 2 and args.escape[0] == "^" and "@" <= args.escape[1].upper() <= "_":
+        args.escape_byte = ord(args.escape[1].upper()) - 64
+    else:
+        parser.error("invalid -e %r: expected one ASCII character, ^X, or 'none'" % args.escape)
+    if (args.tls_ca or args.tls_fingerprint) and not args.tls:
+        parser.error("--tls-ca and --tls-fingerprint need --tls")
+    if args.tls and args.tls_ca and args.tls_fingerprint:
+        parser.error("give --tls-ca or --tls-fingerprint, not both")
+    if args.tls and not (args.tls_ca or args.tls_fingerprint):
+        parser.error("--tls needs --tls-ca FILE or --tls-fingerprint SHA256 to verify the daemon")
+    if args.tls and args.address[0] != "tcp":
+        parser.error("--tls is for TCP destinations; %s is a unix socket"
+                     % format_address(args.address))
+    if args.tty is None:
+        args.tty = not args.command or (os.isatty(STDIN_FILENO) and os.isatty(STDOUT_FILENO))
+    elif not args.tty and not args.command:
+        parser.error("a login shell needs a pty: drop -T, or give a command after --")
+
+
+# --- Connecting and the handshake ---------------------------------------------
+
+def connect(args):
+    """Open a socket to the daemon; raise ClientError with the likely fix."""
+    address = args.address
+    where = format_address(address)
+    if address[0] == "unix":
+        check_default_socket(args)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(address[1])
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            raise ClientError("cannot connect to %s: no daemon is listening there "
+                              "(start one with: python3 execd.py)" % where)
+        except PermissionError:
+            sock.close()
+            raise ClientError("cannot connect to %s: permission denied on the socket; "
+                              "run as the daemon's user or ask for its --socket-group" % where)
+        except OSError as e:
+            sock.close()
+            raise ClientError("cannot connect to %s: %s" % (where, e.strerror))
+        return sock
+    try:
+        sock = socket.create_connection(address[1:], timeout=HANDSHAKE_TIMEOUT)
+    except socket.timeout:
+        raise ClientError("cannot connect to %s: timed out" % where)
+    except ConnectionRefusedError:
+        raise ClientError("cannot connect to %s: connection refused (is execd "
+                          "running with --listen %s?)" % (where, where))
+    except socket.gaierror as e:
+        raise ClientError("cannot resolve %s: %s" % (where, e.strerror))
+    except OSError as e:
+        raise ClientError("cannot connect to %s: %s" % (where, e.strerror))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if args.tls:
+        sock = wrap_tls(sock, args)
+    return sock
+
+
+def check_default_socket(args):
+    """Refuse a default socket that another user could have planted."""
+    if args.destination is not None:
+        return
+    path = args.address[1]
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return  # connect() reports the missing socket
+    if st.st_uid not in (os.getuid(), 0):
+        raise ClientError("%s is owned by uid %d, not by you: refusing to send it "
+                          "anything (remove it and restart execd)" % (path, st.st_uid))
+
+
+def wrap_tls(sock, args):
+    import ssl  # only with --tls: a host without the ssl module runs everything else
+    import hashlib
+    if args.tls_ca:
+        context = ssl.create_default_context(cafile=args.tls_ca)
+    else:
+        # Pinning: the certificate is checked against --tls-fingerprint below
+        # instead of against a CA, as ssh checks known_hosts.
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    where = format_address(args.address)
+    try:
+        sock = context.wrap_socket(sock, server_hostname=args.address[1])
+    except (ssl.SSLError, ssl.CertificateError, OSError) as e:
+        raise ClientError("TLS with %s failed: %s" % (where, e))
+    if args.tls_fingerprint:
+        expected = args.tls_fingerprint.replace(":", "").lower()
+        actual = hashlib.sha256(sock.getpeercert(binary_form=True)).hexdigest()
+        if actual != expected:
+            raise ClientError("TLS certificate of %s has SHA-256 fingerprint %s, not the "
+                              "expected %s: refusing to continue" % (where, actual, expected))
+    return sock
+
+
+class Channel:
+    """The connection to the daemon: blocking sends, frame-at-a-time reads.
+
+    Sends may block: the daemon never stops reading a client, so they finish.
+    """
+
+    def __init__(self, sock, where):
+        self.sock = sock
+        self.where = where
+        self.reader = FrameReader(MAX_FRAME)
+
+    def send(self, frame_type, payload=b""):
+        try:
+            self.sock.sendall(HEADER.pack(len(payload), frame_type) + payload)
+        except OSError as e:
+            raise ClientError("connection to %s lost: %s" % (self.where, e.strerror or e))
+
+    def send_json(self, frame_type, obj):
+        self.send(frame_type, encode_json(obj))
+
+    def receive(self):
+        """Read what the socket has; return False at end of file."""
+        try:
+            data = self.sock.recv(READ_SIZE)
+            while data and getattr(self.sock, "pending", lambda: 0)():
+                data += self.sock.recv(READ_SIZE)  # TLS: bytes the selector cannot see
+        except socket.timeout:
+            raise ClientError("%s did not answer within %g s" % (self.where, HANDSHAKE_TIMEOUT))
+        except OSError as e:
+            raise ClientError("connection to %s lost: %s" % (self.where, e.strerror or e))
+        self.reader.feed(data)
+        return bool(data)
+
+    def expect(self, wanted):
+        """Block until the next frame; return its JSON, which must be of type wanted."""
+        while True:
+            frame = self.reader.next_frame()
+            if frame is not None:
+                break
+            if not self.receive():
+                raise ClientError("%s closed the connection during the handshake"
+                                  % self.where)
+        frame_type, payload = frame
+        if frame_type == ERROR:
+            raise ClientError("%s: %s" % (self.where, decode_json(payload).get("message")))
+        if frame_type != wanted:
+            raise ClientError("%s sent frame type 0x%02x during the handshake: is this "
+                              "an execd daemon?" % (self.where, frame_type))
+        return decode_json(payload)
+
+
+def handshake(channel, args):
+    """HELLO, authentication if asked, then REQUEST; return the daemon's HELLO."""
+    channel.sock.settimeout(HANDSHAKE_TIMEOUT)
+    channel.send_json(HELLO, {"protocol": PROTOCOL_VERSION, "program": "execc " + VERSION})
+    hello = channel.expect(HELLO)
+    if hello.get("protocol") != PROTOCOL_VERSION:
+        raise ClientError("protocol version mismatch: %s (%s) speaks version %r and this "
+                          "execc %s speaks version %d; use execc.py and execd.py from the "
+                          "same release" % (channel.where, hello.get("program"),
+                                            hello.get("protocol"), VERSION, PROTOCOL_VERSION))
+    if hello.get("auth") == "token":
+        authenticate(channel, args, hello)
+    elif hello.get("auth") != "none":
+        raise ClientError("%s asks for authentication %r, which this execc does not "
+                          "support" % (channel.where, hello.get("auth")))
+    channel.send_json(REQUEST, build_request(args))
+    channel.sock.settimeout(None)
+    return hello
+
+
+def authenticate(channel, args, hello):
+    """Prove the token with HMAC-SHA256 and check the daemon's proof."""
+    import hashlib
+    import hmac
+    if not args.token_file:
+        raise ClientError("%s requires a token: pass --token-file FILE" % channel.where)
+    token = read_token_file(args.token_file)
+    try:
+        daemon_nonce = bytes.fromhex(hello.get("nonce", ""))
+    except (TypeError, ValueError):
+        raise ClientError("%s sent an invalid nonce" % channel.where)
+    client_nonce = os.urandom(NONCE_BYTES)
+    mac = hmac.new(token, CLIENT_MAC_LABEL + daemon_nonce + client_nonce, hashlib.sha256)
+    channel.send_json(AUTH, {"nonce": client_nonce.hex(), "mac": mac.hexdigest()})
+    reply = channel.expect(AUTH_OK)
+    proof = hmac.new(token, DAEMON_MAC_LABEL + daemon_nonce + client_nonce,
+                     hashlib.sha256).hexdigest()
+    if not hmac.compare_digest(proof, str(reply.get("mac", ""))):
+        raise ClientError("%s did not prove it knows the token: it may be an impostor"
+                          % channel.where)
+
+
+def read_token_file(path):
+    try:
+        st = os.stat(path)
+        with open(path, "rb") as f:
+            token = f.read().strip()
+    except OSError as e:
+        raise ClientError("cannot read token file %s: %s" % (path, e.strerror))
+    if st.st_mode & 0o077:
+        raise ClientError("token file %s is accessible by group or others (mode %o); "
+                          "run: chmod 600 %s" % (path, st.st_mode & 0o777, path))
+    return token
+
+
+def build_request(args):
+    rows, cols = window_size()
+    return {"argv": args.command, "env": args.environment, "cwd": args.cwd,
+            "tty": args.tty, "rows": rows, "cols": cols,
+            "term": os.environ.get("TERM") if args.tty else None,
+            "user": args.user, "group": args.group}
+
+
+def window_size():
+    """Return (rows, cols) of the local terminal, or the defaults."""
+    import fcntl
+    import termios
+    for fd in (STDOUT_FILENO, STDIN_FILENO, STDERR_FILENO):
+        try:
+            packed = fcntl.ioctl(fd, termios.TIOCGWINSZ, b"\0" * 8)
+        except OSError:
+            continue  # ENOTTY: not a terminal
+        rows, cols = struct.unpack("HHHH", packed)[:2]
+        if rows and cols:
+            return rows, cols
+    return DEFAULT_ROWS, DEFAULT_COLS
+
+
+# --- The session loop -----------------------------------------------------------
+
+def write_all(fd, data):
+    """Write all of data to a blocking (or, if another process set it, non-blocking) fd."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view):]
+        except BlockingIOError:
+            # Someone else put O_NONBLOCK on this shared file description;
+            # wait for room instead of spinning.  Rare, so a plain select.
+            import select
+            select.select([], [fd], [])
+
+
+def exit_status_from(info):
+    """Turn an EXIT frame into this process's exit status (the sh convention).
+
+    A command killed by signal n gives 128+n, as sh and bash report it; the
+    name is mapped to this system's number, since numbers differ between
+    systems, with the daemon's number as a fallback for unknown names.
+    """
+    if info.get("signal"):
+        number = signal_number(info["signal"]) or info.get("signal_number")
+        return 128 + number if isinstance(number, int) else EXIT_CLIENT_FAILURE
+    code = info.get("code")
+    if isinstance(code, int) and 0 <= code <= 255:
+        return code
+    return EXIT_CLIENT_FAILURE
+
+
+class EscapeFilter:
+    """ssh-style escapes typed at the start of a line: ~. ~? ~~."""
+
+    HELP = ("Supported escape sequences:\r\n"
+            "  %(e)s.  disconnect (the daemon then hangs up the session)\r\n"
+            "  %(e)s?  this message\r\n"
+            "  %(e)s%(e)s  send the escape character itself\r\n"
+            "(Escapes are recognized only after a newline.)\r\n")
+
+    def __init__(self, escape_byte):
+        self.escape_byte = escape_byte
+        self.at_line_start = True
+        self.pending = False
+
+    def feed(self, data):
+        """Return (bytes to send, action), action being None, "help" or "disconnect"."""
+        out = bytearray()
+        action = None
+        for byte in bytearray(data):
+            if self.pending:
+                self.pending = False
+                if byte == ord("."):
+                    return bytes(out), "disconnect"
+                if byte == ord("?"):
+                    action = "help"
+                    continue
+                if byte != self.escape_byte:
+                    out.append(self.escape_byte)  # not an escape: send both
+            elif self.at_line_start and byte == self.escape_byte:
+                self.pending = True
+                continue
+            out.append(byte)
+            self.at_line_start = byte in (ord("\r"), ord("\n"))
+        return bytes(out), action
+
+    def help_text(self):
+        name = chr(self.escape_byte) if self.escape_byte >= 32 else "^" + chr(self.escape_byte + 64)
+        return self.HELP % {"e": name}
+
+
+class ClientSession:
+    """The running session: one selector over the socket, stdin and signals."""
+
+    def __init__(self, channel, args, hello, notices):
+        self.channel = channel
+        self.args = args
+        self.notices = notices
+        self.selector = selectors.DefaultSelector()
+        self.credit = int(hello.get("stdin_window", 0))
+        self.stdin_open = True
+        self.stdin_watched = False
+        self.closed_outputs = set()
+        self.exit_status = None
+        self.recent_interrupts = []
+        self.escape = None
+        if args.tty and args.escape_byte is not None and os.isatty(STDIN_FILENO):
+            self.escape = EscapeFilter(args.escape_byte)
+        self.wakeup_read = None
+
+    def run(self):
+        """Forward until EXIT; return the exit status.  The only select()."""
+        self.install_signal_handlers()
+        try:
+            self.selector.register(self.channel.sock, selectors.EVENT_READ, self.on_socket)
+            self.update_stdin_watch()
+            while self.exit_status is None:
+                for key, mask in self.selector.select():
+                    key.data()
+                    if self.exit_status is not None:
+                        break
+        finally:
+            self.restore_signal_handlers()
+        return self.exit_status
+
+    # -- signals -------------------------------------------------------------
+
+    def install_signal_handlers(self):
+        """Route forwarded signals into the loop through a wakeup fd.
+
+        A Python handler runs only between bytecodes and select() restarts
+        after it (PEP 475), so the handler does nothing and the C-level
+        handler's wakeup byte, the signal number, wakes the loop instead.
+        """
+        self.wakeup_read, self.wakeup_write = socket.socketpair()
+        for sock in (self.wakeup_read, self.wakeup_write):
+            sock.setblocking(False)
+        self.previous_wakeup = signal.set_wakeup_fd(self.wakeup_write.fileno())
+        names = FORWARDED_SIGNALS + (("WINCH",) if self.args.tty else ())
+        self.previous_handlers = {}
+        for name in names:
+            number = getattr(signal, "SIG" + name)
+            self.previous_handlers[number] = signal.signal(number, lambda signum, frame: None)
+        self.selector.register(self.wakeup_read, selectors.EVENT_READ, self.on_signals)
+
+    def restore_signal_handlers(self):
+        for number, handler in self.previous_handlers.items():
+            signal.signal(number, handler)
+        signal.set_wakeup_fd(self.previous_wakeup)
+
+    def on_signals(self):
+        try:
+            numbers = self.wakeup_read.recv(512)
+        except (BlockingIOError, InterruptedError):
+            return
+        for number in bytearray(numbers):
+            name = signal.Signals(number).name[3:]
+            if name == "WINCH":
+                rows, cols = window_size()
+                self.channel.send_json(WINSIZE, {"rows": rows, "cols": cols})
+                continue
+            self.channel.send_json(SIGNAL, {"signal": name})
+            if name in ("INT", "TERM") and self.escalate(number):
+                return
+
+    def escalate(self, number):
+        """Disconnect on the third SIGINT/SIGTERM within ESCALATION_WINDOW seconds."""
+        now = time.monotonic()
+        self.recent_interrupts = [t for t in self.recent_interrupts
+                                  if now - t < ESCALATION_WINDOW] + [now]
+        if len(self.recent_interrupts) < ESCALATION_COUNT:
+            return False
+        self.notices.append("execc: the command did not exit after %d signals; "
+                            "disconnecting, so the daemon hangs up the session"
+                            % ESCALATION_COUNT)
+        self.exit_status = 128 + number
+        return True
+
+    # -- stdin -----------------------------------------------------------------
+
+    def update_stdin_watch(self):
+        wanted = self.stdin_open and self.credit > 1
+        if wanted == self.stdin_watched:
+            return
+        self.stdin_watched = wanted
+        if wanted:
+            try:
+                self.selector.register(STDIN_FILENO, selectors.EVENT_READ, self.on_stdin)
+            except (ValueError, OSError):
+                self.stdin_watched = False  # EBADF: stdin is closed, which is end of file
+                self.send_stdin_eof()
+        else:
+            self.selector.unregister(STDIN_FILENO)
+
+    def on_stdin(self):
+        # With escapes on, one byte of credit stays free: a lone escape
+        # character may have to be sent along with the next byte.
+        size = min(READ_SIZE, self.credit - (1 if self.escape else 0))
+        try:
+            data = os.read(STDIN_FILENO, size)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            if e.errno != errno.EIO:
+                raise ClientError("cannot read stdin: %s" % e.strerror)
+            data = b""  # EIO: our terminal was hung up, which ends its input
+        if not data:
+            self.send_stdin_eof()
+            return
+        if self.escape is not None:
+            data, action = self.escape.feed(data)
+            if action == "help":
+                write_all(STDERR_FILENO, self.escape.help_text().encode())
+            elif action == "disconnect":
+                self.notices.append("execc: disconnected; the daemon hangs up the session")
+                self.exit_status = EXIT_CLIENT_FAILURE
+                return
+        if data:
+            self.credit -= len(data)
+            self.channel.send(STDIN, data)
+        self.update_stdin_watch()
+
+    def send_stdin_eof(self):
+        self.stdin_open = False
+        self.update_stdin_watch()
+        self.channel.send(STDIN_EOF)
+
+    # -- frames from the daemon ---------------------------------------------
+
+    def on_socket(self):
+        if not self.channel.receive():
+            raise ClientError("connection to %s lost before the command finished"
+                              % self.channel.where)
+        while self.exit_status is None:
+            frame = self.channel.reader.next_frame()
+            if frame is None:
+                return
+            self.on_frame(*frame)
+
+    def on_frame(self, frame_type, payload):
+        if frame_type == STDOUT:
+            self.write_output(STDOUT_FILENO, "stdout", payload)
+        elif frame_type == STDERR:
+            self.write_output(STDERR_FILENO, "stderr", payload)
+        elif frame_type == STDIN_WINDOW:
+            if len(payload) != WINDOW.size:
+                raise ClientError("the daemon sent an invalid STDIN_WINDOW frame")
+            self.credit += WINDOW.unpack(payload)[0]
+            self.update_stdin_watch()
+        elif frame_type == EXIT:
+            self.on_exit(decode_json(payload))
+        elif frame_type == ERROR:
+            error = decode_json(payload)
+            if error.get("fatal", True):
+                raise ClientError("%s: %s" % (self.channel.where, error.get("message")))
+            self.notices.append("execc: daemon: %s" % error.get("message"))
+        elif frame_type != STARTED:
+            raise ClientError("the daemon sent an unexpected frame type 0x%02x" % frame_type)
+
+    def write_output(self, fd, name, data):
+        if name in self.closed_outputs:
+            return
+        try:
+            write_all(fd, data)
+        except OSError as e:
+            if e.errno not in (errno.EPIPE, errno.EIO):
+                raise ClientError("cannot write %s: %s" % (name, e.strerror))
+            # EPIPE: our reader has gone (`execc -- yes | head`).  Tell the
+            # daemon, which closes the command's end, so the command gets
+            # SIGPIPE just as it would have locally.
+            self.closed_outputs.add(name)
+            self.channel.send_json(OUTPUT_CLOSED, {"stream": name})
+
+    def on_exit(self, info):
+        if info.get("exec_error"):
+            self.notices.append("execc: %s" % info["exec_error"])
+        if info.get("discarded") and not self.args.quiet:
+            self.notices.append("execc: %d bytes of output were discarded: background "
+                                "processes wrote them after the command exited"
+                                % info["discarded"])
+        elif info.get("output_held") and self.args.verbose:
+            self.notices.append("execc: background processes still held the command's "
+                                "output open when it exited")
+        self.exit_status = exit_status_from(info)
+
+
+# --- The local terminal ---------------------------------------------------------
+
+class RawTerminal:
+    """Raw mode on stdin's terminal for a pty session, restored exactly on exit."""
+
+    def __init__(self, enabled):
+        self.saved = None
+        self.enabled = enabled and os.isatty(STDIN_FILENO)
+
+    def __enter__(self):
+        if not self.enabled:
+            return self
+        import termios
+        self.saved = termios.tcgetattr(STDIN_FILENO)
+        raw = termios.tcgetattr(STDIN_FILENO)
+        # What cfmakeraw(3) does: no input translation, no output
+        # post-processing, no echo, no line editing, no signal keys (Ctrl-C
+        # and Ctrl-Z become bytes for the remote terminal), 8-bit bytes.
+        raw[0] &= ~(termios.IGNBRK | termios.BRKINT | termios.PARMRK | termios.ISTRIP |
+                    termios.INLCR | termios.IGNCR | termios.ICRNL | termios.IXON)
+        raw[1] &= ~termios.OPOST
+        raw[2] &= ~(termios.CSIZE | termios.PARENB)
+        raw[2] |= termios.CS8
+        raw[3] &= ~(termios.ECHO | termios.ECHONL | termios.ICANON | termios.ISIG |
+                    termios.IEXTEN)
+        raw[6][termios.VMIN] = 1
+        raw[6][termios.VTIME] = 0
+        termios.tcsetattr(STDIN_FILENO, termios.TCSADRAIN, raw)
+        return self
+
+    def __exit__(self, *exc_info):
+        if self.saved is None:
+            return
+        import termios
+        try:
+            termios.tcsetattr(STDIN_FILENO, termios.TCSADRAIN, self.saved)
+        except termios.error:
+            pass  # EIO: the terminal itself has gone, nothing to restore
+
+
+def run(args, notices):
+    """Connect, run the session, and return the exit status."""
+    where = format_address(args.address)
+    channel = Channel(connect(args), where)
+    try:
+        hello = handshake(channel, args)
+        session = ClientSession(channel, args, hello, notices)
+        with RawTerminal(args.tty):
+            return session.run()
+    finally:
+        channel.sock.close()
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    notices = []
+    status = EXIT_CLIENT_FAILURE
+    try:
+        status = run(args, notices)
+    except ClientError as e:
+        notices.append("execc: %s" % e)
+    except KeyboardInterrupt:
+        status = 128 + signal.SIGINT  # before the session forwards SIGINT
+    except Exception as e:  # a bug: one line, the terminal already restored
+        notices.append("execc: internal error: %s: %s" % (type(e).__name__, e))
+        if args.verbose:
+            import traceback
+            traceback.print_exc()
+    for notice in notices:
+        try:
+            write_all(STDERR_FILENO, (notice + "\n").encode("utf-8", "replace"))
+        except OSError:
+            break  # stderr has gone too: nowhere left to report
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
