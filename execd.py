@@ -731,7 +731,10 @@ class StdinSink:
         if self.watching:
             self.session.daemon.unwatch(self.fd)
             self.watching = False
-        self.fd = close_fd(self.fd)
+        if self.is_pty:
+            self.fd = None  # the session owns the pty master and closes it
+        else:
+            self.fd = close_fd(self.fd)
 
 
 class Session:
@@ -780,9 +783,11 @@ class Session:
             self.pty_master, tty_slave = os.openpty()
             self.set_window_size(self.request["rows"], self.request["cols"])
             child_fds = (tty_slave, tty_slave, tty_slave)
-            parent_fds = [(self.pty_master, "pty", STDOUT)]
-            stdin_fd = os.dup(self.pty_master)  # a second fd, so reads and
-            # writes can each have their own selector registration
+            # Reads go through a second fd, so reads and writes can each have
+            # their own selector registration; pty_master itself serves
+            # writes, ioctls and tcgetpgrp, and is closed last.
+            parent_fds = [(os.dup(self.pty_master), "pty", STDOUT)]
+            stdin_fd = self.pty_master
         else:
             tty_slave = None
             p2c_read, stdin_fd = os.pipe()
@@ -1748,7 +1753,10 @@ class Daemon:
             if delay > 0:
                 return delay
             heapq.heappop(self.timers)
-            timer.callback()
+            try:
+                timer.callback()
+            except Exception:
+                log.exception("internal error in timer %r; continuing", timer.callback)
         return None
 
     # -- the loop ------------------------------------------------------------
@@ -1761,9 +1769,17 @@ class Daemon:
                 # An earlier callback in this batch may have unregistered or
                 # replaced this fd; its event then belongs to nobody.
                 if self.selector.get_map().get(key.fd) is key:
-                    key.data(mask)
+                    self.dispatch(key, mask)
         log.info("stopped")
         return 0
+
+    def dispatch(self, key, mask):
+        """Run one callback; a bug in it is logged, never fatal to the daemon."""
+        try:
+            key.data(mask)
+        except Exception:
+            log.exception("internal error in %r; continuing", key.data)
+            self.unwatch(key.fd)  # so the same event cannot fail in a loop
 
     def finished(self):
         if not self.stopping:
