@@ -98,6 +98,10 @@ class ClientError(Exception):
     """A failure of execc itself: printed as one line, exit status 255."""
 
 
+class ProtocolViolation(ClientError):
+    """The daemon broke the protocol: execc answers with a fatal ERROR frame."""
+
+
 # --- Frames (a copy of execd.py's) -------------------------------------------
 
 class FrameReader:
@@ -121,7 +125,7 @@ class FrameReader:
             return None
         length, frame_type = HEADER.unpack_from(self.buffer, self.position)
         if length > self.max_payload:
-            raise ClientError("the daemon sent a frame of %d bytes, above the maximum "
+            raise ProtocolViolation("the daemon sent a frame of %d bytes, above the maximum "
                               "of %d: is this an execd daemon?" % (length, self.max_payload))
         if available < HEADER.size + length:
             return None
@@ -139,9 +143,9 @@ def decode_json(payload):
     try:
         obj = json.loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
-        raise ClientError("the daemon sent an invalid control frame")
+        raise ProtocolViolation("the daemon sent an invalid control frame")
     if not isinstance(obj, dict):
-        raise ClientError("the daemon sent an invalid control frame")
+        raise ProtocolViolation("the daemon sent an invalid control frame")
     return obj
 
 
@@ -392,6 +396,13 @@ class Channel:
     def send_json(self, frame_type, obj):
         self.send(frame_type, encode_json(obj))
 
+    def send_error(self, message):
+        """Tell the daemon why execc is closing; best effort, it may be gone."""
+        try:
+            self.send_json(ERROR, {"message": message, "fatal": True})
+        except ClientError:
+            pass  # the connection is already broken: the close says enough
+
     def receive(self):
         """Read what the socket has; return False at end of file."""
         try:
@@ -418,8 +429,8 @@ class Channel:
         if frame_type == ERROR:
             raise ClientError("%s: %s" % (self.where, decode_json(payload).get("message")))
         if frame_type != wanted:
-            raise ClientError("%s sent frame type 0x%02x during the handshake: is this "
-                              "an execd daemon?" % (self.where, frame_type))
+            raise ProtocolViolation("%s sent frame type 0x%02x during the handshake: is "
+                                    "this an execd daemon?" % (self.where, frame_type))
         return decode_json(payload)
 
 
@@ -727,7 +738,7 @@ class ClientSession:
             self.write_output(STDERR_FILENO, "stderr", payload)
         elif frame_type == STDIN_WINDOW:
             if len(payload) != WINDOW.size:
-                raise ClientError("the daemon sent an invalid STDIN_WINDOW frame")
+                raise ProtocolViolation("the daemon sent an invalid STDIN_WINDOW frame")
             self.credit += WINDOW.unpack(payload)[0]
             self.update_stdin_watch()
         elif frame_type == EXIT:
@@ -738,7 +749,8 @@ class ClientSession:
                 raise ClientError("%s: %s" % (self.channel.where, error.get("message")))
             self.notices.append("execc: daemon: %s" % error.get("message"))
         elif frame_type != STARTED:
-            raise ClientError("the daemon sent an unexpected frame type 0x%02x" % frame_type)
+            raise ProtocolViolation("the daemon sent an unexpected frame type 0x%02x"
+                                    % frame_type)
 
     def write_output(self, fd, name, data):
         if name in self.closed_outputs:
@@ -816,6 +828,9 @@ def run(args, notices):
         session = ClientSession(channel, args, hello, notices)
         with RawTerminal(args.tty):
             return session.run()
+    except ProtocolViolation as e:
+        channel.send_error(str(e))
+        raise
     finally:
         channel.sock.close()
 
