@@ -590,7 +590,9 @@ class ClientSession:
         self.channel = channel
         self.args = args
         self.notices = notices
-        self.selector = selectors.DefaultSelector()
+        # poll(), not epoll: epoll_ctl() rejects regular files with EPERM, and
+        # stdin is often one (`execc -- cat < file`); poll reports them readable.
+        self.selector = getattr(selectors, "PollSelector", selectors.SelectSelector)()
         self.credit = int(hello.get("stdin_window", 0))
         self.stdin_open = True
         self.stdin_watched = False
@@ -835,7 +837,20 @@ def run(args, notices):
         channel.sock.close()
 
 
+def ensure_standard_fds():
+    """Open /dev/null on any of fds 0-2 that is closed (`execc ... <&-`).
+
+    Otherwise the socket could become fd 0 and be taken for stdin.
+    """
+    for fd in (STDIN_FILENO, STDOUT_FILENO, STDERR_FILENO):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # takes the lowest free fd: this one
+
+
 def main(argv=None):
+    ensure_standard_fds()
     args = parse_args(sys.argv[1:] if argv is None else argv)
     notices = []
     status = EXIT_CLIENT_FAILURE
