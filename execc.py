@@ -391,7 +391,30 @@ class Channel:
         try:
             self.sock.sendall(HEADER.pack(len(payload), frame_type) + payload)
         except OSError as e:
+            # EPIPE/ECONNRESET: the daemon may have refused us (SO_PEERCRED,
+            # limits) with a fatal ERROR and closed before reading this frame;
+            # its reason is still in our receive buffer and says more.
+            message = self.pending_error()
+            if message is not None:
+                raise ClientError("%s: %s" % (self.where, message))
             raise ClientError("connection to %s lost: %s" % (self.where, e.strerror or e))
+
+    def pending_error(self):
+        """Return the message of an ERROR frame already received, or None."""
+        try:
+            self.sock.settimeout(0)  # only what has arrived: the daemon has gone
+            data = self.sock.recv(READ_SIZE)
+            while data:
+                self.reader.feed(data)
+                data = self.sock.recv(READ_SIZE)
+        except OSError:
+            pass  # EAGAIN or ECONNRESET: nothing more to read
+        while True:
+            frame = self.reader.next_frame()
+            if frame is None:
+                return None
+            if frame[0] == ERROR:
+                return decode_json(frame[1]).get("message")
 
     def send_json(self, frame_type, obj):
         self.send(frame_type, encode_json(obj))

@@ -310,8 +310,9 @@ def parse_address(text):
             raise ValueError(
                 "invalid address %r: expected unix:PATH, a path containing "
                 "'/', HOST:PORT or [V6ADDR]:PORT" % text)
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError("invalid port in address %r: expected 1-65535" % text)
+    # Port 0 lets the kernel pick a free port, which the "listening on" line shows.
+    if not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError("invalid port in address %r: expected 0-65535" % text)
     return ("tcp", host, int(port))
 
 
@@ -665,6 +666,7 @@ class StdinSink:
         self.pending = bytearray()
         self.eof_requested = False
         self.watching = False
+        self.last_byte = None      # pty: the last byte written, for finish()
 
     def __repr__(self):
         return "<StdinSink fd=%s pending=%d>" % (self.fd, len(self.pending))
@@ -694,6 +696,8 @@ class StdinSink:
                 del self.pending[:]
                 self.close()
                 break
+            if n:
+                self.last_byte = self.pending[n - 1]
             del self.pending[:n]
             written += n
         if written:
@@ -719,9 +723,16 @@ class StdinSink:
         if self.is_pty:
             # A pty has no end of file to close: the line discipline turns
             # the VEOF character (normally Ctrl-D) at a line start into one.
-            veof = termios.tcgetattr(self.fd)[6][termios.VEOF]
+            attrs = termios.tcgetattr(self.fd)
+            veof = attrs[6][termios.VEOF]
+            veof = veof if isinstance(veof, bytes) else bytes([veof])
+            line_open = self.last_byte not in (None, ord("\n"), ord("\r"), veof[0])
+            if line_open and attrs[3] & termios.ICANON:
+                # After a partial line (`printf abc`) the first VEOF only
+                # hands that line over; the second, at a line start, is EOF.
+                veof *= 2
             try:
-                os.write(self.fd, veof if isinstance(veof, bytes) else bytes([veof]))
+                os.write(self.fd, veof)
             except OSError as e:
                 io_error_kind(e)  # EIO/EAGAIN: the terminal has gone or is full
             return
@@ -751,6 +762,7 @@ class Session:
         self.tty = request["tty"]
         self.pty_master = None        # kept for WINSIZE and signal targeting
         self.errpipe_read = None
+        self.start_fds = []           # see start() and abandon_start()
         self.stdin = None
         self.streams = []
         self.status = None            # waitpid status once reaped
@@ -779,20 +791,28 @@ class Session:
         # errpipe: the child writes b"STEP:ERRNO" on failure (see run_child);
         # exec closes it unwritten, because os.pipe() fds are close-on-exec.
         self.errpipe_read, errpipe_write = os.pipe()
+        # Every fd made before the fork, so abandon_start() can close them
+        # when a later pipe, pty or fork fails (EMFILE, EAGAIN).
+        self.start_fds = [self.errpipe_read, errpipe_write]
         if self.tty:
             self.pty_master, tty_slave = os.openpty()
+            self.start_fds += [self.pty_master, tty_slave]
             self.set_window_size(self.request["rows"], self.request["cols"])
             child_fds = (tty_slave, tty_slave, tty_slave)
             # Reads go through a second fd, so reads and writes can each have
             # their own selector registration; pty_master itself serves
             # writes, ioctls and tcgetpgrp, and is closed last.
             parent_fds = [(os.dup(self.pty_master), "pty", STDOUT)]
+            self.start_fds.append(parent_fds[0][0])
             stdin_fd = self.pty_master
         else:
             tty_slave = None
             p2c_read, stdin_fd = os.pipe()
+            self.start_fds += [p2c_read, stdin_fd]
             stdout_read, c2p_write = os.pipe()
+            self.start_fds += [stdout_read, c2p_write]
             stderr_read, err_write = os.pipe()
+            self.start_fds += [stderr_read, err_write]
             for fd in (stdout_read, stderr_read):
                 enlarge_pipe(fd)
             child_fds = (p2c_read, c2p_write, err_write)
@@ -806,6 +826,7 @@ class Session:
         os.close(errpipe_write)
         for fd in set(child_fds):
             os.close(fd)
+        self.start_fds = []
         # SIGCHLD is only handled in the event loop, after this returns, so
         # the pid is registered before it can possibly be reaped.
         self.daemon.children[self.pid] = self
@@ -821,6 +842,13 @@ class Session:
                  self.connection.peer_name, self.pid,
                  "pty" if self.tty else "pipes",
                  [os.fsdecode(arg) for arg in plan.argv])
+
+    def abandon_start(self):
+        """Close the fds of a start() that failed before its fork completed."""
+        for fd in self.start_fds:
+            close_fd(fd)
+        self.start_fds = []
+        self.errpipe_read = self.pty_master = None
 
     def on_errpipe(self, mask):
         try:
@@ -911,7 +939,12 @@ class Session:
                 log.info("session %d: client closed its %s; closing %s",
                          self.number, stream_name, stream.name)
                 if stream.is_pty:
-                    self.hang_up("client closed its output")
+                    # Close every master fd, as a closed terminal window
+                    # does: the kernel hangs up the slave (SIGHUP to the
+                    # command, EIO on its writes), and the session still
+                    # ends with EXIT.  hang_up() would send no EXIT to a
+                    # client that is still connected, which then waits forever.
+                    self.close_fds()
                     return
                 stream.close(end_of_file=True)
 
@@ -1308,7 +1341,9 @@ class Connection:
             self.session.start(plan)
         except OSError as e:
             self.daemon.sessions.discard(self.session)
+            self.session.abandon_start()
             log.error("%s: cannot start the command: %s", self.label, e)
+            self.session = None  # it never ran: there is nothing to hang up
             self.fail("cannot start the command: %s" % e.strerror, log_it=False)
 
     def on_stdin(self, payload):
@@ -1765,6 +1800,8 @@ class Daemon:
         """Run until stopped and every session is over.  The only select()."""
         while not self.finished():
             timeout = self.run_due_timers()
+            if self.finished():
+                break  # a timer ended the last session; select() might never return
             for key, mask in self.selector.select(timeout):
                 # An earlier callback in this batch may have unregistered or
                 # replaced this fd; its event then belongs to nobody.
@@ -1846,6 +1883,9 @@ class Daemon:
             return
         self.stopping = True
         self.stop_deadline = time.monotonic() + self.config.hangup_grace + 1.0
+        # Wake select() at the deadline: nothing else may, if a session's
+        # processes cannot be killed (uninterruptible sleep).
+        self.call_later(self.config.hangup_grace + 1.0, lambda: None)
         log.info("SIG%s: stopping: %d sessions to hang up", signal_name(number),
                  len(self.sessions))
         for listener in self.listeners:

@@ -57,7 +57,9 @@ class Daemon:
                                      env=env)
         self.reader = threading.Thread(target=self._read_log, daemon=True)
         self.reader.start()
-        if not self.ready.wait(20):
+        # The reader sets ready at the "listening on" line, or at end of file
+        # when the daemon exits during start-up; the poll() tells them apart.
+        if not self.ready.wait(20) or self.proc.poll() is not None:
             self.stop()
             raise RuntimeError("execd did not start:\n" + self.log)
         self.pid = self.proc.pid
