@@ -939,11 +939,9 @@ class Session:
                 log.info("session %d: client closed its %s; closing %s",
                          self.number, stream_name, stream.name)
                 if stream.is_pty:
-                    # Close every master fd, as a closed terminal window
-                    # does: the kernel hangs up the slave (SIGHUP to the
-                    # command, EIO on its writes), and the session still
-                    # ends with EXIT.  hang_up() would send no EXIT to a
-                    # client that is still connected, which then waits forever.
+                    # Close the master as a closed terminal window does: the kernel
+                    # hangs up the slave, and EXIT still goes to the client (hang_up()
+                    # sends none, so a still-connected client would wait forever).
                     self.close_fds()
                     return
                 stream.close(end_of_file=True)
@@ -1801,7 +1799,7 @@ class Daemon:
         while not self.finished():
             timeout = self.run_due_timers()
             if self.finished():
-                break  # a timer ended the last session; select() might never return
+                break  # a timer ended the last session, and select() might never return
             for key, mask in self.selector.select(timeout):
                 # An earlier callback in this batch may have unregistered or
                 # replaced this fd; its event then belongs to nobody.
@@ -1883,8 +1881,8 @@ class Daemon:
             return
         self.stopping = True
         self.stop_deadline = time.monotonic() + self.config.hangup_grace + 1.0
-        # Wake select() at the deadline: nothing else may, if a session's
-        # processes cannot be killed (uninterruptible sleep).
+        # A timer wakes select() at the deadline, because nothing else may
+        # when a process cannot be killed (uninterruptible sleep).
         self.call_later(self.config.hangup_grace + 1.0, lambda: None)
         log.info("SIG%s: stopping: %d sessions to hang up", signal_name(number),
                  len(self.sessions))

@@ -216,14 +216,14 @@ def sec_tcp_daemon(directory, *extra_args, token_file=None, python=PYTHON):
     return d
 
 
-def sec_failed_start(directory, *extra_args, **kwargs):
-    """Start a daemon that must refuse to start; return (exit status, log)."""
-    d = Daemon(directory, *extra_args, **kwargs)
-    try:
-        status = d.proc.wait(10)
-    finally:
-        d.stop()
-    return status, d.log
+def sec_failed_start(directory, *extra_args, listen_unix=True):
+    """Run a daemon that must refuse to start; return (exit status, its log)."""
+    argv = [PYTHON, EXECD] + list(extra_args)
+    if listen_unix:
+        argv += ["--listen", "unix:" + os.path.join(str(directory), "execd.sock")]
+    result = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, timeout=20)
+    return result.returncode, result.stderr.decode("utf-8", "replace")
 
 
 @pytest.fixture
@@ -897,12 +897,13 @@ def sec_valid_session_bytes(argv=("/bin/true",)):
             sec_frame(SEC_STDIN_EOF)]
 
 
-def sec_fuzz_case(daemon, data, reset=False):
-    """Send data on a new connection, then close; return a problem or None.
+def sec_fuzz_case(daemon, data, how="shut"):
+    """Send data on a new connection, then end it; return a problem or None.
 
-    A graceful case half-closes and reads the daemon's frames to its close,
-    which must come (the daemon sees end of file) and be well formed.  A
-    reset case closes at once with RST, as a crashed client would.
+    how: "shut" half-closes and reads the daemon's frames up to its close,
+    which must come (the daemon sees end of file); "answer" reads until the
+    daemon's EXIT, fatal ERROR or close, then closes; "reset" closes at once
+    with RST, as a crashed client would.  Every frame read must be well formed.
     """
     sock = sec_connect(daemon, timeout=15)
     try:
@@ -910,24 +911,30 @@ def sec_fuzz_case(daemon, data, reset=False):
             sock.sendall(data)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the daemon refused the input early and closed: fine
-        if reset:
+        if how == "reset":
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             return None
+        if how == "shut":
+            try:
+                sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass  # ENOTCONN: already closed by the daemon
         try:
-            sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass  # ENOTCONN: already closed by the daemon
-        try:
-            frames = sec_frames_until_close(sock)
+            while True:
+                frame = sec_read_frame(sock)
+                if frame is None:
+                    return None
+                frame_type, payload = frame
+                if frame_type not in SEC_DAEMON_FRAME_TYPES:
+                    return "frame type 0x%02x in reply to %r" % (frame_type, data[:200])
+                if frame_type in (SEC_EXIT, SEC_ERROR) and not isinstance(
+                        json.loads(payload), dict):
+                    return "payload %r in reply to %r" % (payload, data[:200])
+                if how == "answer" and (frame_type == SEC_EXIT or frame_type == SEC_ERROR
+                                        and json.loads(payload).get("fatal")):
+                    return None
         except socket.timeout:
-            return "no close within 15 s after %r" % data[:80]
-        for frame_type, payload in frames:
-            if frame_type not in SEC_DAEMON_FRAME_TYPES:
-                return "frame type 0x%02x in reply to %r" % (frame_type, data[:80])
-            if frame_type == SEC_ERROR and not isinstance(
-                    json.loads(payload).get("message"), str):
-                return "ERROR without a message in reply to %r" % data[:80]
-        return None
+            return "no answer within 15 s to %r" % data[:200]
     finally:
         sock.close()
 
@@ -941,7 +948,7 @@ def sec_run_batch(daemon, cases):
 
 @pytest.fixture
 def sec_fuzz_daemon(tmp_path):
-    d = Daemon(tmp_path, "--handshake-timeout", "2", "--hangup-grace", "1", "-q")
+    d = Daemon(tmp_path, "--handshake-timeout", "2", "--hangup-grace", "1")
     assert sec_serves_session(d)
     d.baseline_fds = sec_fd_count(d.pid)
     yield d
@@ -977,7 +984,7 @@ def test_fuzz_random_bytes(sec_fuzz_daemon):
         data = bytes(rng.randrange(256) for _ in range(size))
         if rng.random() < 0.5:  # a plausible header makes the body get parsed
             data = SEC_HEADER.pack(len(data), rng.choice([1, 2, 4, 0x10, 0x7F])) + data
-        cases.append((data, rng.random() < 0.2))
+        cases.append((data, rng.choice(["shut", "shut", "reset"])))
     assert sec_run_batch(sec_fuzz_daemon, cases) == []
     sec_assert_healthy(sec_fuzz_daemon)
 
@@ -985,7 +992,59 @@ def test_fuzz_random_bytes(sec_fuzz_daemon):
 def test_fuzz_mutated_valid_sessions(sec_fuzz_daemon):
     rng = random.Random(2)
     valid = b"".join(sec_valid_session_bytes())
-    cases = [(sec_mutate(rng, valid), rng.random() < 0.2) for _ in range(1000)]
+    # Not "answer": a mutated length may leave the daemon rightly waiting.
+    cases = [(sec_mutate(rng, valid), rng.choice(["shut", "shut", "reset"]))
+             for _ in range(1000)]
+    assert sec_run_batch(sec_fuzz_daemon, cases) == []
+    sec_assert_healthy(sec_fuzz_daemon)
+
+
+SEC_WEIRD_VALUES = [None, True, False, -1, 0, 1, 65536, 2 ** 31, 2 ** 64, 1.5, "", "x" * 5000,
+                    "\0", "\udc80", "\u00e9", [], {}, ["a"], {"a": 1}, "TERM", "KILL",
+                    "STOP", "../..", "/nonexistent", "stdout", "root", "nosuchuser"]
+SEC_FIELDS = {
+    SEC_REQUEST: ["argv", "env", "cwd", "tty", "rows", "cols", "term", "user", "group"],
+    0x12: ["signal"],             # SIGNAL
+    0x13: ["rows", "cols"],       # WINSIZE
+    0x14: ["stream"],             # OUTPUT_CLOSED
+}
+SEC_ARGVS = [["cat"], [], "cat", [1], ["cat", None], ["\0"], ["/nonexistent/x"], ["cat", "-u"]]
+
+
+def sec_weird_session(rng):
+    """HELLO, a REQUEST and in-session frames whose JSON fields take odd values."""
+    request = {"argv": ["cat"], "env": {}, "tty": rng.random() < 0.3}
+    field = rng.choice(SEC_FIELDS[SEC_REQUEST])
+    if field == "argv":
+        request["argv"] = rng.choice(SEC_ARGVS)
+    elif field == "env":
+        request["env"] = rng.choice([{rng.choice(["", "A=B", "\0", "PATH"]): "x"},
+                                     {"A": rng.choice(SEC_WEIRD_VALUES)},
+                                     rng.choice(SEC_WEIRD_VALUES)])
+    elif rng.random() < 0.8:
+        request[field] = rng.choice(SEC_WEIRD_VALUES)
+    data = sec_frame(SEC_HELLO, SEC_CLIENT_HELLO) + sec_frame(SEC_REQUEST, request)
+    for _ in range(rng.randint(0, 3)):
+        frame_type = rng.choice([0x12, 0x13, 0x14, SEC_STDIN])
+        if frame_type == SEC_STDIN:
+            # A terminal gives control bytes meaning (^S stops output, ^Z
+            # the command), so in pty mode only plain lines go in.
+            plain = request["tty"] is not False
+            data += sec_frame(SEC_STDIN, b"plain line\n" if plain else
+                              bytes(rng.randrange(256) for _ in range(20)))
+            continue
+        payload = {"signal": "USR1", "rows": 30, "cols": 100, "stream": "stderr"}
+        payload[rng.choice(SEC_FIELDS[frame_type])] = rng.choice(SEC_WEIRD_VALUES)
+        data += sec_frame(frame_type, payload)
+    # A login shell (empty argv) may miss an end of file typed before its
+    # prompt, so those sessions end with the client's close instead.
+    how = "shut" if request["argv"] == [] else "answer"
+    return data + sec_frame(SEC_STDIN_EOF), how
+
+
+def test_fuzz_weird_field_values(sec_fuzz_daemon):
+    rng = random.Random(4)
+    cases = [sec_weird_session(rng) for _ in range(500)]
     assert sec_run_batch(sec_fuzz_daemon, cases) == []
     sec_assert_healthy(sec_fuzz_daemon)
 
@@ -1004,15 +1063,15 @@ def test_fuzz_truncated_and_oversized_frames(sec_fuzz_daemon):
             length = rng.choice([len(frame) + 1, 4097, 1 << 20, (1 << 20) + 1,
                                  (1 << 32) - 1, rng.randrange(1 << 32)])
             data = prefix + SEC_HEADER.pack(length, frame[4]) + frame[5:]
-        cases.append((data, rng.random() < 0.2))
+        cases.append((data, rng.choice(["shut", "shut", "reset"])))
     assert sec_run_batch(sec_fuzz_daemon, cases) == []
     sec_assert_healthy(sec_fuzz_daemon)
 
 
 def test_abrupt_close_at_every_offset(sec_fuzz_daemon):
     valid = b"".join(sec_valid_session_bytes(("cat",)))
-    cases = [(valid[:offset], reset) for offset in range(len(valid) + 1)
-             for reset in (False, True)]
+    cases = [(valid[:offset], how) for offset in range(len(valid) + 1)
+             for how in ("shut", "reset")]
     assert sec_run_batch(sec_fuzz_daemon, cases) == []
     sec_assert_healthy(sec_fuzz_daemon)
 
