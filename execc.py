@@ -80,6 +80,10 @@ STDOUT_FILENO = 1
 STDERR_FILENO = 2
 
 READ_SIZE = 256 * 1024
+# Stdin is read in smaller blocks: a read buffer above glibc's 128 KiB mmap
+# threshold that a pipe fills only partly is mmapped, shrunk with mremap and
+# unmapped again on every read.
+STDIN_READ_SIZE = 64 * 1024
 HANDSHAKE_TIMEOUT = 30.0  # seconds for connect, authentication and request
 
 EXIT_CLIENT_FAILURE = 255  # execc's own failures, as ssh uses
@@ -130,7 +134,8 @@ class FrameReader:
         if available < HEADER.size + length:
             return None
         start = self.position + HEADER.size
-        payload = bytes(self.buffer[start:start + length])
+        with memoryview(self.buffer) as view:
+            payload = bytes(view[start:start + length])  # one copy, not two
         self.position = start + length
         return frame_type, payload
 
@@ -714,7 +719,7 @@ class ClientSession:
     def on_stdin(self):
         # With escapes on, one byte of credit stays free: a lone escape
         # character may have to be sent along with the next byte.
-        size = min(READ_SIZE, self.credit - (1 if self.escape else 0))
+        size = min(STDIN_READ_SIZE, self.credit - (1 if self.escape else 0))
         try:
             data = os.read(STDIN_FILENO, size)
         except BlockingIOError:

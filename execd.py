@@ -263,7 +263,7 @@ def io_error_kind(error):
 
 
 def close_fd(fd):
-    """Close fd, ignoring EBADF-free cases; return None for the caller's slot."""
+    """Close fd unless it is None; return None, to clear the owner's slot."""
     if fd is not None and fd >= 0:
         os.close(fd)
     return None
@@ -274,7 +274,7 @@ class ProtocolError(Exception):
 
 
 class ConfigError(Exception):
-    """Invalid daemon configuration; main() prints it as one line and exits 2."""
+    """Invalid daemon configuration; main() logs it as one line and exits 1."""
 
 
 # --- Addresses ------------------------------------------------------------
@@ -355,7 +355,8 @@ class FrameReader:
         if available < HEADER.size + length:
             return None
         start = self.position + HEADER.size
-        payload = bytes(self.buffer[start:start + length])
+        with memoryview(self.buffer) as view:
+            payload = bytes(view[start:start + length])  # one copy, not two
         self.position = start + length
         return frame_type, payload
 
@@ -673,7 +674,7 @@ class StdinSink:
 
     def write(self, data):
         if self.fd is None or self.eof_requested:
-            self.session.grant_stdin(len(data))  # nobody reads it: drop it
+            self.session.grant_stdin(len(data))  # no reader is left: drop it
             return
         self.pending += data
         self.flush()
@@ -687,7 +688,8 @@ class StdinSink:
         written = 0
         while self.pending and self.fd is not None:
             try:
-                n = os.write(self.fd, self.pending[:READ_SIZE])
+                with memoryview(self.pending) as view:  # no copy of the block
+                    n = os.write(self.fd, view[:READ_SIZE])
             except OSError as e:
                 if io_error_kind(e) == "again":
                     break
@@ -820,7 +822,7 @@ class Session:
                           (stderr_read, "stderr", STDERR)]
         self.pid = os.fork()
         if self.pid == CHILD:
-            # child: close the parent's ends is done by close_inherited_fds.
+            # child: run_child closes the parent's ends (close_inherited_fds).
             run_child(plan, child_fds, tty_slave, errpipe_write)
         # parent: close the child's ends, or EOF/EIO would never come.
         os.close(errpipe_write)
@@ -1304,10 +1306,10 @@ class Connection:
         self.send_json(AUTH_OK, {"mac": proof})
 
     def reject_token(self):
-        """Answer a wrong token after a delay that grows per source address."""
+        """Reply to a wrong token after a delay that grows per source address."""
         host = self.peer_host()
         delay = self.daemon.auth_failed(host)
-        log.warning("%s: authentication failed (wrong token); answering in %.2f s",
+        log.warning("%s: authentication failed (wrong token); replying in %.2f s",
                     self.label, delay)
         self.reading = False
         self.update_events()
@@ -1691,7 +1693,7 @@ def read_token_file(path):
         raise ConfigError("token file %s is accessible by group or others (mode %o); "
                           "run: chmod 600 %s" % (path, stat.S_IMODE(st.st_mode), path))
     if len(token) < 16:
-        raise ConfigError("token file %s holds %d bytes; use at least 16, for example: "
+        raise ConfigError("token file %s is too short (%d bytes); use at least 16, for example: "
                           "head -c 32 /dev/urandom | base64 > %s" % (path, len(token), path))
     return token
 
@@ -1942,7 +1944,7 @@ class Daemon:
         sock.close()
 
     def auth_failed(self, host):
-        """Count a failed token from host; return the delay before answering."""
+        """Count a failed token from host; return the delay before the reply."""
         now = time.monotonic()
         count, last = self.auth_failures.get(host, (0, now))
         if now - last > AUTH_FAILURE_MEMORY:

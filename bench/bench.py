@@ -68,11 +68,13 @@ HEADER = struct.Struct("!IB")
 HELLO = 0x01
 REQUEST = 0x04
 STARTED = 0x05
+STDIN_EOF = 0x11
+EXIT = 0x23
 ERROR = 0x7F
 
 DAEMON_START_TIMEOUT = 10.0   # seconds for the socket to accept connections
 DAEMON_STOP_TIMEOUT = 15.0    # seconds after SIGTERM before SIGKILL
-SESSION_END_TIMEOUT = 15.0    # seconds for hung-up sessions' children to go
+SESSION_END_TIMEOUT = 30.0    # seconds for ended sessions' children to be reaped
 RSS_SAMPLE_INTERVAL = 0.01    # seconds between VmRSS samples
 SETTLE_SECONDS = 0.5          # pause before an idle or held-sessions RSS reading
 
@@ -127,7 +129,7 @@ def settled_rss(pid, samples=5):
 
 
 def reset_peak_rss(pid):
-    """Reset VmHWM to the current RSS (Linux 4.0+); return False if refused."""
+    """Reset VmHWM to the current RSS (Linux 4.0+); return False on an error."""
     try:
         with open("/proc/%d/clear_refs" % pid, "w") as f:
             f.write("5")
@@ -287,8 +289,8 @@ def send_json_frame(sock, frame_type, obj):
 def open_raw_session(socket_path, argv):
     """Run argv in pipe mode over a bare socket; return the socket once STARTED.
 
-    The client never sends STDIN_EOF, so a command such as `cat` waits on its
-    stdin for as long as the socket stays open.
+    No STDIN_EOF is sent here, so a command such as `cat` waits on its stdin
+    until the caller sends one or closes the socket.
     """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(10.0)
@@ -300,13 +302,23 @@ def open_raw_session(socket_path, argv):
             raise BenchError("expected HELLO from execd, got frame type 0x%02x" % frame_type)
         send_json_frame(sock, REQUEST, {"argv": argv, "env": {}, "tty": False,
                                         "rows": 24, "cols": 80})
-        while True:  # STARTED follows at once; nothing else comes before it
-            frame_type, _ = receive_frame(sock)
-            if frame_type == STARTED:
-                return sock
+        frame_type, _ = receive_frame(sock)
+        if frame_type != STARTED:
+            raise BenchError("expected STARTED from execd, got frame type 0x%02x"
+                             % frame_type)
+        return sock
     except BaseException:
         sock.close()
         raise
+
+
+def close_after_exit(sock):
+    """Wait for the EXIT frame of a session whose stdin got STDIN_EOF; close."""
+    try:
+        while receive_frame(sock)[0] != EXIT:
+            pass
+    finally:
+        sock.close()
 
 
 # --- Measurements -------------------------------------------------------------
@@ -335,24 +347,30 @@ def measure_throughput(python, daemon, size, rounds, log):
 
 
 def measure_latency(python, daemon, rounds, runs_per_round, log):
-    """Time `execc -- true` and `python -c pass`, alternating; return both lists."""
+    """Time `execc -- true` and `python -c pass`, alternating; return name -> [seconds].
+
+    The same two also run with -S (no site module) for reference: the site
+    module runs every .pth file in site-packages, which can dominate start-up.
+    """
+    execc = [EXECC, daemon.address, "--", "true"]
     commands = {
         "python": [python, "-c", "pass"],
-        "execc": [python, EXECC, daemon.address, "--", "true"],
+        "execc": [python] + execc,
+        "python -S": [python, "-S", "-c", "pass"],
+        "execc -S": [python, "-S"] + execc,
     }
     for command in commands.values():  # warm the page cache, untimed
         run_pipeline([command])
-    times = {name: [] for name in commands}
+    names = list(commands)
+    times = {name: [] for name in names}
     for round_number in range(rounds):
         for run in range(runs_per_round):
-            order = ["python", "execc"] if run % 2 == 0 else ["execc", "python"]
-            for name in order:
+            for name in names if run % 2 == 0 else names[::-1]:
                 seconds, _ = run_pipeline([commands[name]])
                 times[name].append(seconds)
-        log("  round %d  python -c pass %6.1f ms  execc -- true %6.1f ms (medians)"
-            % (round_number + 1,
-               1000 * statistics.median(times["python"][-runs_per_round:]),
-               1000 * statistics.median(times["execc"][-runs_per_round:])))
+        log("  round %d medians: %s" % (round_number + 1, ", ".join(
+            "%s %.1f ms" % (name, 1000 * statistics.median(times[name][-runs_per_round:]))
+            for name in names)))
     return times
 
 
@@ -411,10 +429,13 @@ def measure_idle_sessions(python, directory, sessions, log, name):
         log("  %s: idle %.0f KiB, with %d sessions %.0f KiB (+%.1f KiB each); "
             "opened in %.1f s" % (name, idle / KIB, sessions, loaded / KIB,
                                   (loaded - idle) / sessions / KIB, opened))
-        # Closing the sockets makes the daemon hang up every `cat`.
+        # STDIN_EOF lets every `cat` exit by itself.  Closing the sockets
+        # instead makes the daemon hang each session up, and each hangup
+        # scans /proc: 500 at once took 15 s of daemon CPU in a trial run.
         for client in clients:
-            client.close()
-        clients = []
+            client.sendall(HEADER.pack(0, STDIN_EOF))
+        while clients:
+            close_after_exit(clients.pop())
         daemon.wait_for_no_sessions()
         return idle, loaded
     finally:
@@ -485,6 +506,11 @@ def build_rows(config, throughput, latency, slow, sessions):
                  "%.1f ms" % (1000 * baseline), "%.1f ms" % (1000 * remote),
                  "%.2fx" % ratio, "<= %.1fx" % MAX_LATENCY_RATIO,
                  verdict(ratio <= MAX_LATENCY_RATIO)))
+    baseline = statistics.median(latency["python -S"])
+    remote = statistics.median(latency["execc -S"])
+    rows.append(("reference: the same with `python3 -S` (no site module)",
+                 "%.1f ms" % (1000 * baseline), "%.1f ms" % (1000 * remote),
+                 "%.2fx" % (remote / baseline), "none", "not a target"))
 
     idle = statistics.median(s[0] for s in slow)
     growth = statistics.median(peak_rss(s) - s[0] for s in slow)
@@ -525,7 +551,10 @@ def round_details(config, throughput, latency, slow, sessions):
     for name in ("local", "stdout", "stdin"):
         rows.append(("%s, MB/s" % name, ", ".join(
             "%.0f" % (config.size / seconds / MB) for seconds in throughput[name])))
-    for name, label in (("python", "`python3 -c pass`, ms"), ("execc", "`execc -- true`, ms")):
+    for name, label in (("python", "`python3 -c pass`, ms"),
+                        ("execc", "`execc -- true`, ms"),
+                        ("python -S", "`python3 -S -c pass`, ms"),
+                        ("execc -S", "`python3 -S execc.py -- true`, ms")):
         rows.append((label, ", ".join("%.1f" % (1000 * s) for s in latency[name])))
     rows.append(("slow reader: idle RSS / VmHWM / sampled peak, KiB", "; ".join(
         "%.0f / %s / %.0f" % (idle / KIB, "%.0f" % (hwm / KIB) if hwm else "n/a", peak / KIB)
