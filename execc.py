@@ -102,6 +102,10 @@ class ClientError(Exception):
     """A failure of execc itself: printed as one line, exit status 255."""
 
 
+class ConnectionLost(ClientError):
+    """The connection to the daemon failed or closed before the session ended."""
+
+
 class ProtocolViolation(ClientError):
     """The daemon broke the protocol: execc answers with a fatal ERROR frame."""
 
@@ -371,7 +375,8 @@ def wrap_tls(sock, args):
     try:
         sock = context.wrap_socket(sock, server_hostname=args.address[1])
     except (ssl.SSLError, ssl.CertificateError, OSError) as e:
-        raise ClientError("TLS with %s failed: %s" % (where, e))
+        raise ClientError("TLS with %s failed: %s (is the daemon started with "
+                          "--tls-cert and --tls-key?)" % (where, e))
     if args.tls_fingerprint:
         expected = args.tls_fingerprint.replace(":", "").lower()
         actual = hashlib.sha256(sock.getpeercert(binary_form=True)).hexdigest()
@@ -402,7 +407,7 @@ class Channel:
             message = self.pending_error()
             if message is not None:
                 raise ClientError("%s: %s" % (self.where, message))
-            raise ClientError("connection to %s lost: %s" % (self.where, e.strerror or e))
+            raise ConnectionLost("connection to %s lost: %s" % (self.where, e.strerror or e))
 
     def pending_error(self):
         """Return the message of an ERROR frame already received, or None."""
@@ -440,7 +445,7 @@ class Channel:
         except socket.timeout:
             raise ClientError("%s did not answer within %g s" % (self.where, HANDSHAKE_TIMEOUT))
         except OSError as e:
-            raise ClientError("connection to %s lost: %s" % (self.where, e.strerror or e))
+            raise ConnectionLost("connection to %s lost: %s" % (self.where, e.strerror or e))
         self.reader.feed(data)
         return bool(data)
 
@@ -451,8 +456,8 @@ class Channel:
             if frame is not None:
                 break
             if not self.receive():
-                raise ClientError("%s closed the connection during the handshake"
-                                  % self.where)
+                raise ConnectionLost("%s closed the connection during the handshake"
+                                     % self.where)
         frame_type, payload = frame
         if frame_type == ERROR:
             raise ClientError("%s: %s" % (self.where, decode_json(payload).get("message")))
@@ -465,8 +470,13 @@ class Channel:
 def handshake(channel, args):
     """HELLO, authentication if asked, then REQUEST; return the daemon's HELLO."""
     channel.sock.settimeout(HANDSHAKE_TIMEOUT)
-    channel.send_json(HELLO, {"protocol": PROTOCOL_VERSION, "program": "execc " + VERSION})
-    hello = channel.expect(HELLO)
+    try:
+        channel.send_json(HELLO, {"protocol": PROTOCOL_VERSION, "program": "execc " + VERSION})
+        hello = channel.expect(HELLO)
+    except ConnectionLost as e:
+        if args.address[0] == "tcp" and not args.tls:
+            raise ConnectionLost("%s (if the daemon serves TLS, add --tls)" % e)
+        raise
     if hello.get("protocol") != PROTOCOL_VERSION:
         raise ClientError("protocol version mismatch: %s (%s) speaks version %r and this "
                           "execc %s speaks version %d; use execc.py and execd.py from the "

@@ -2083,7 +2083,8 @@ def parse_args(argv):
     parser.add_argument("--token-file", metavar="FILE",
                         help="shared secret for TCP clients; mode 600, at least 16 bytes")
     parser.add_argument("--socket-group", metavar="GROUP",
-                        help="also let members of GROUP use unix sockets (mode 0660)")
+                        help="also let members of GROUP use unix sockets (mode 0660); "
+                             "they can then run anything as the daemon's user")
     parser.add_argument("--tls-cert", metavar="FILE", help="TLS certificate (PEM) for TCP")
     parser.add_argument("--tls-key", metavar="FILE", help="TLS private key (PEM) for TCP")
     parser.add_argument("--max-frame", type=positive_int, default=DEFAULT_MAX_FRAME,
