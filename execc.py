@@ -213,6 +213,7 @@ USAGE = "execc.py [OPTIONS] [DESTINATION] [-- COMMAND [ARG...]]"
 
 def parse_args(argv):
     """Parse the options before "--"; everything after it is the command."""
+    # Long only because it is the option table: one statement per option.
     if "--" in argv:
         split = argv.index("--")
         options, command = argv[:split], argv[split + 1:]

@@ -797,29 +797,10 @@ class Session:
         # when a later pipe, pty or fork fails (EMFILE, EAGAIN).
         self.start_fds = [self.errpipe_read, errpipe_write]
         if self.tty:
-            self.pty_master, tty_slave = os.openpty()
-            self.start_fds += [self.pty_master, tty_slave]
-            self.set_window_size(self.request["rows"], self.request["cols"])
-            child_fds = (tty_slave, tty_slave, tty_slave)
-            # Reads go through a second fd, so reads and writes can each have
-            # their own selector registration; pty_master itself serves
-            # writes, ioctls and tcgetpgrp, and is closed last.
-            parent_fds = [(os.dup(self.pty_master), "pty", STDOUT)]
-            self.start_fds.append(parent_fds[0][0])
-            stdin_fd = self.pty_master
+            child_fds, parent_fds, stdin_fd = self.open_pty()
         else:
-            tty_slave = None
-            p2c_read, stdin_fd = os.pipe()
-            self.start_fds += [p2c_read, stdin_fd]
-            stdout_read, c2p_write = os.pipe()
-            self.start_fds += [stdout_read, c2p_write]
-            stderr_read, err_write = os.pipe()
-            self.start_fds += [stderr_read, err_write]
-            for fd in (stdout_read, stderr_read):
-                enlarge_pipe(fd)
-            child_fds = (p2c_read, c2p_write, err_write)
-            parent_fds = [(stdout_read, "stdout", STDOUT),
-                          (stderr_read, "stderr", STDERR)]
+            child_fds, parent_fds, stdin_fd = self.open_pipes()
+        tty_slave = child_fds[0] if self.tty else None
         self.pid = os.fork()
         if self.pid == CHILD:
             # child: run_child closes the parent's ends (close_inherited_fds).
@@ -832,6 +813,39 @@ class Session:
         # SIGCHLD is only handled in the event loop, after this returns, so
         # the pid is registered before it can possibly be reaped.
         self.daemon.children[self.pid] = self
+        self.register_fds(parent_fds, stdin_fd)
+        log.info("session %d: start: peer %s, pid %d, %s, argv %r", self.number,
+                 self.connection.peer_name, self.pid,
+                 "pty" if self.tty else "pipes",
+                 [os.fsdecode(arg) for arg in plan.argv])
+
+    def open_pty(self):
+        """Return (child fds, parent output fds, stdin fd) for pty mode."""
+        self.pty_master, tty_slave = os.openpty()
+        self.start_fds += [self.pty_master, tty_slave]
+        self.set_window_size(self.request["rows"], self.request["cols"])
+        # Reads go through a second fd, so reads and writes can each have
+        # their own selector registration.  pty_master itself serves
+        # writes, ioctls and tcgetpgrp, and is closed last.
+        pty_reader = os.dup(self.pty_master)
+        self.start_fds.append(pty_reader)
+        return (tty_slave,) * 3, [(pty_reader, "pty", STDOUT)], self.pty_master
+
+    def open_pipes(self):
+        """Return (child fds, parent output fds, stdin fd) for pipe mode."""
+        p2c_read, p2c_write = os.pipe()
+        self.start_fds += [p2c_read, p2c_write]
+        stdout_read, stdout_write = os.pipe()
+        self.start_fds += [stdout_read, stdout_write]
+        stderr_read, stderr_write = os.pipe()
+        self.start_fds += [stderr_read, stderr_write]
+        for fd in (stdout_read, stderr_read):
+            enlarge_pipe(fd)
+        parent_fds = [(stdout_read, "stdout", STDOUT), (stderr_read, "stderr", STDERR)]
+        return (p2c_read, stdout_write, stderr_write), parent_fds, p2c_write
+
+    def register_fds(self, parent_fds, stdin_fd):
+        """Make the parent's ends non-blocking and watch them in the loop."""
         for fd in [self.errpipe_read, stdin_fd] + [fd for fd, _, _ in parent_fds]:
             os.set_blocking(fd, False)
         self.stdin = StdinSink(self, stdin_fd, self.tty)
@@ -840,10 +854,6 @@ class Session:
             self.streams.append(stream)
             stream.watch()
         self.daemon.watch(self.errpipe_read, selectors.EVENT_READ, self.on_errpipe)
-        log.info("session %d: start: peer %s, pid %d, %s, argv %r", self.number,
-                 self.connection.peer_name, self.pid,
-                 "pty" if self.tty else "pipes",
-                 [os.fsdecode(arg) for arg in plan.argv])
 
     def abandon_start(self):
         """Close the fds of a start() that failed before its fork completed."""
@@ -931,7 +941,7 @@ class Session:
             log.warning("session %d: TIOCSWINSZ failed: %s", self.number, e.strerror)
 
     def on_output_closed(self, stream_name):
-        """The client's own stdout or stderr is a broken pipe: pass that on.
+        """Pass on a broken pipe on the client's own stdout or stderr.
 
         Closing our read end makes the command's next write fail with
         SIGPIPE, as it would have locally (`execc -- yes | head -n 3`).
@@ -967,7 +977,7 @@ class Session:
     # -- end -------------------------------------------------------------
 
     def on_child_exit(self, status):
-        """The command was reaped: start the drain (see OutputStream)."""
+        """Record the reaped command's status and start the drain (see OutputStream)."""
         self.status = status
         self.daemon.children.pop(self.pid, None)
         if self.state in (STARTING, RUNNING):
@@ -1479,7 +1489,7 @@ class Connection:
 
         Closing a TCP socket with unread input makes the kernel send RST,
         which can destroy the EXIT frame still waiting in the client's
-        receive buffer; reading until the client closes avoids that.
+        receive buffer.  Reading until the client closes avoids that.
         """
         if self.linger_timer is not None:
             return
@@ -1626,7 +1636,7 @@ def remove_stale_socket(path):
     try:
         probe.connect(path)
     except OSError:
-        os.unlink(path)  # ECONNREFUSED: nobody listens, so it is stale
+        os.unlink(path)  # ECONNREFUSED: no daemon listens, so it is stale
         return
     finally:
         probe.close()
@@ -1804,7 +1814,7 @@ class Daemon:
                 break  # a timer ended the last session, and select() might never return
             for key, mask in self.selector.select(timeout):
                 # An earlier callback in this batch may have unregistered or
-                # replaced this fd; its event then belongs to nobody.
+                # replaced this fd, and then the event is stale.
                 if self.selector.get_map().get(key.fd) is key:
                     self.dispatch(key, mask)
         log.info("stopped")
@@ -1816,7 +1826,7 @@ class Daemon:
             key.data(mask)
         except Exception:
             log.exception("internal error in %r; continuing", key.data)
-            self.unwatch(key.fd)  # so the same event cannot fail in a loop
+            self.unwatch(key.fd)  # else a level-triggered fd fails again on every pass
 
     def finished(self):
         if not self.stopping:
@@ -2070,6 +2080,7 @@ def positive_seconds(text):
 
 
 def parse_args(argv):
+    """Parse the command line; one statement per option, hence the length."""
     parser = argparse.ArgumentParser(
         prog="execd.py",
         description="Run commands for execc clients over a unix socket or TCP.",

@@ -28,7 +28,7 @@ running this script (sys.executable), or --python; give a real interpreter,
 not a pyenv shim, whose own start-up would distort the latency ratio.
 
 Usage:
-    python3 bench/bench.py              # the full run, about 4 minutes
+    python3 bench/bench.py              # the full run: 3 minutes on 2 cores
     python3 bench/bench.py --quick      # small sizes; prints, writes nothing
 """
 
@@ -541,7 +541,9 @@ def human_size(size):
 def markdown_table(header, rows):
     lines = ["| " + " | ".join(header) + " |",
              "|" + "|".join(" --- " for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    # GitHub's tables split cells at "|" even inside code spans, unless escaped.
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |"
+              for row in rows]
     return "\n".join(lines)
 
 
@@ -570,17 +572,21 @@ def write_readme(path, facts, summary, details, config, elapsed):
 
 Written by `bench/bench.py`, which starts its own execd on a temporary unix
 socket and compares it with local baselines measured in the same run.  To
-measure again on your machine, run it from the repository root:
+measure again, run it from the repository root:
 
     {command}
 
-The targets are benchmark goals, not test assertions.  Timings are medians of
-{rounds} interleaved rounds ({latency_runs} runs per round for latency), and the memory figures
-are medians of {memory_rounds} fresh daemons each.  Throughput ratios compare
-throughputs, so 0.50x means half the local pipe's MB/s.  Memory growth is
-measured from the daemon's idle RSS after one warm-up session.  The slow reader's
-peak is the higher of VmHWM, after a reset through /proc/PID/clear_refs, and
-the highest VmRSS sampled every {interval:g} ms.
+The targets are benchmark goals, not test assertions.  Each timing is the
+median of {rounds} interleaved rounds, with {latency_runs} runs of each
+command per round for latency.  Each memory figure is the median of
+{memory_rounds} runs, each on a fresh daemon.  A throughput ratio divides MB/s by MB/s, so
+0.50x means half the local pipe's throughput.  Memory growth is counted from
+the daemon's idle RSS after one warm-up session.  The slow reader's peak is
+the higher of VmHWM, after a reset through /proc/PID/clear_refs, and the
+highest VmRSS sampled every {interval:g} ms.
+
+The `-S` row shows how much of the baseline is the site module, which runs
+every .pth file in site-packages at start-up.  It is not a target.
 
 ## Machine
 
