@@ -37,7 +37,6 @@ Limitations:
     daemon hangs the session up when the connection drops.
 """
 
-import argparse
 import errno
 import json
 import os
@@ -208,81 +207,160 @@ def format_address(address):
 
 # --- Command line ------------------------------------------------------------
 
-USAGE = "execc.py [OPTIONS] [DESTINATION] [-- COMMAND [ARG...]]"
+USAGE = "usage: execc.py [OPTIONS] [DESTINATION] [-- COMMAND [ARG...]]\n"
+
+HELP = USAGE + """
+Run COMMAND through an execd daemon and exit with its status.  Without a
+command, start a login shell in a pty.
+
+DESTINATION: unix:PATH, a path containing '/', HOST:PORT or [V6ADDR]:PORT
+  (default: %(default)s)
+
+options:
+  -t                     force a pty, even when stdin is not a terminal
+  -T                     never a pty: pipes, with stdout and stderr kept apart
+  --env KEY=VALUE        set a variable for the command, repeatable; KEY alone
+                         passes this side's value
+  --cwd DIR              working directory (default: the user's home)
+  --user NAME            run as this user (root daemon; root or token clients)
+  --group NAME           run with this group
+  --token-file FILE      shared secret for a TCP daemon (mode 600)
+  --tls                  use TLS to a TCP daemon
+  --tls-ca FILE          with --tls: CA certificates that verify the daemon
+  --tls-fingerprint SHA256
+                         with --tls: accept only a daemon certificate with
+                         this SHA-256 fingerprint (hex)
+  -e CHAR                escape character in pty mode (default: ~); ^X for a
+                         control character; 'none' disables escapes
+  -q, --quiet            do not report output discarded at the end
+  -v, --verbose          also report background processes holding output open
+  -h, --help             show this help and exit
+  --version              show the version and exit
+
+Pty mode is used when -t is given, or when no -T is given and both stdin and
+stdout are terminals (or there is no command).  In pty mode, ~. at the start
+of a line disconnects and ~? lists the escapes.
+
+Exit status: the command's own; 128+n if signal n killed it; 127 not found;
+126 not executable; 125 setup failed; 255 execc itself failed.
+"""
+
+# Options that take a value, and the attribute each one sets.  The parser is
+# written out rather than built with argparse, whose import and set-up cost
+# several milliseconds, because start-up is part of every command's latency.
+VALUE_OPTIONS = {"--env": "env", "--cwd": "cwd", "--user": "user", "--group": "group",
+                 "--token-file": "token_file", "--tls-ca": "tls_ca",
+                 "--tls-fingerprint": "tls_fingerprint", "-e": "escape"}
+FLAG_OPTIONS = {"-t": "tty", "-T": "tty", "--tls": "tls", "-q": "quiet", "--quiet": "quiet",
+                "-v": "verbose", "--verbose": "verbose", "-h": "help", "--help": "help",
+                "--version": "version"}
+
+
+class Options:
+    """The parsed command line, with every option at its default."""
+
+    def __init__(self):
+        self.destination = None
+        self.command = []
+        self.tty = None
+        self.env = []
+        self.cwd = self.user = self.group = self.token_file = None
+        self.tls = False
+        self.tls_ca = self.tls_fingerprint = None
+        self.escape = "~"
+        self.quiet = self.verbose = False
+
+
+def usage_error(message):
+    """Print the usage and one error line, and exit 2, as argparse does."""
+    sys.stderr.write(USAGE + "execc.py: error: %s\n" % message)
+    sys.exit(2)
 
 
 def parse_args(argv):
     """Parse the options before "--"; everything after it is the command."""
-    # Long only because it is the option table: one statement per option.
     if "--" in argv:
         split = argv.index("--")
-        options, command = argv[:split], argv[split + 1:]
+        words, command = argv[:split], argv[split + 1:]
     else:
-        options, command = argv, []
-    parser = argparse.ArgumentParser(
-        prog="execc.py", usage=USAGE,
-        description="Run COMMAND through an execd daemon and exit with its status. "
-                    "Without a command, start a login shell in a pty.",
-        epilog="Pty mode is used when -t is given, or when no -T is given and both stdin "
-               "and stdout are terminals (or there is no command).  In pty mode, "
-               "~. at the start of a line disconnects and ~? lists the escapes.  "
-               "Exit status: the command's; 128+n if signal n killed it; 127 not "
-               "found; 126 not executable; 125 setup failed; 255 execc failed.")
-    parser.add_argument("destination", nargs="?", metavar="DESTINATION",
-                        help="unix:PATH, a path containing '/', HOST:PORT or "
-                             "[V6ADDR]:PORT (default: %s)" % default_socket_path())
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("-t", dest="tty", action="store_true", default=None,
-                      help="force a pty, even when stdin is not a terminal")
-    mode.add_argument("-T", dest="tty", action="store_false",
-                      help="never a pty: pipes, with stdout and stderr kept apart")
-    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                        help="set a variable for the command, repeatable; KEY alone "
-                             "passes this side's value")
-    parser.add_argument("--cwd", metavar="DIR",
-                        help="working directory (default: the user's home)")
-    parser.add_argument("--user", metavar="NAME",
-                        help="run as this user (root daemon; root or token clients only)")
-    parser.add_argument("--group", metavar="NAME", help="run with this group")
-    parser.add_argument("--token-file", metavar="FILE",
-                        help="shared secret for a TCP daemon (mode 600)")
-    parser.add_argument("--tls", action="store_true", help="use TLS to a TCP daemon")
-    parser.add_argument("--tls-ca", metavar="FILE",
-                        help="with --tls: CA certificates that verify the daemon")
-    parser.add_argument("--tls-fingerprint", metavar="SHA256",
-                        help="with --tls: accept only a daemon certificate with "
-                             "this SHA-256 fingerprint (hex)")
-    parser.add_argument("-e", dest="escape", default="~", metavar="CHAR",
-                        help="escape character in pty mode (default: ~); 'none' "
-                             "disables it")
-    parser.add_argument("-q", "--quiet", action="store_true",
-                        help="do not report output discarded at the end")
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="also report background processes holding output open")
-    parser.add_argument("--version", action="version", version="execc %s (protocol %d)"
-                        % (VERSION, PROTOCOL_VERSION))
-    args = parser.parse_args(options)
+        words, command = argv, []
+    args = Options()
     args.command = command
-    check_args(parser, args)
+    words = list(words)
+    while words:
+        word = words.pop(0)
+        if word.startswith("--"):
+            name, has_value, value = word.partition("=")
+            set_option(args, name, value if has_value else None, words)
+        elif word.startswith("-") and len(word) > 1:
+            parse_short_options(args, word, words)
+        elif args.destination is None:
+            args.destination = word
+        else:
+            usage_error("unexpected argument %r: the command goes after --, as in: "
+                        "execc.py %s -- %s" % (word, args.destination, word))
+    check_args(args)
     return args
 
 
-def check_args(parser, args):
-    """Validate option values; parser.error() prints one line and exits 2."""
+def parse_short_options(args, word, words):
+    """Parse a group of short options such as -tv, -e~ or -e ~."""
+    for index, letter in enumerate(word[1:], start=2):
+        if letter == "e":
+            set_option(args, "-e", word[index:] or None, words)
+            return
+        set_option(args, "-" + letter, None, words)
+
+
+def set_option(args, name, value, words):
+    """Apply one option; take its value from words when it has none attached."""
+    if name in VALUE_OPTIONS:
+        if value is None:
+            if not words:
+                usage_error("option %s needs a value" % name)
+            value = words.pop(0)
+        if name == "--env":
+            args.env.append(value)
+        else:
+            setattr(args, VALUE_OPTIONS[name], value)
+    elif name in FLAG_OPTIONS and value is None:
+        apply_flag(args, name)
+    else:
+        usage_error("unrecognized option %r; see execc.py --help" % name)
+
+
+def apply_flag(args, name):
+    if name == "-h" or name == "--help":
+        sys.stdout.write(HELP % {"default": default_socket_path()})
+        sys.exit(0)
+    if name == "--version":
+        sys.stdout.write("execc %s (protocol %d)\n" % (VERSION, PROTOCOL_VERSION))
+        sys.exit(0)
+    if name in ("-t", "-T"):
+        wanted = name == "-t"
+        if args.tty is not None and args.tty != wanted:
+            usage_error("-t and -T exclude each other: give one")
+        args.tty = wanted
+        return
+    setattr(args, FLAG_OPTIONS[name], True)
+
+
+def check_args(args):
+    """Validate option values; usage_error() prints one line and exits 2."""
     try:
         args.address = parse_address(args.destination or default_socket_path())
     except ValueError as e:
-        parser.error(str(e))
+        usage_error(str(e))
     args.environment = {}
     for entry in args.env:
         key, sep, value = entry.partition("=")
         if not sep:
             if key not in os.environ:
-                parser.error("invalid --env %r: %s is not set here; use --env %s=VALUE"
+                usage_error("invalid --env %r: %s is not set here; use --env %s=VALUE"
                              % (entry, key, key))
             value = os.environ[key]
         if not key or "\0" in entry:
-            parser.error("invalid --env %r: expected KEY=VALUE with a non-empty KEY" % entry)
+            usage_error("invalid --env %r: expected KEY=VALUE with a non-empty KEY" % entry)
         args.environment[key] = value
     if args.escape == "none":
         args.escape_byte = None
@@ -291,20 +369,20 @@ def check_args(parser, args):
     elif len(args.escape) == 2 and args.escape[0] == "^" and "@" <= args.escape[1].upper() <= "_":
         args.escape_byte = ord(args.escape[1].upper()) - 64
     else:
-        parser.error("invalid -e %r: expected one ASCII character, ^X, or 'none'" % args.escape)
+        usage_error("invalid -e %r: expected one ASCII character, ^X, or 'none'" % args.escape)
     if (args.tls_ca or args.tls_fingerprint) and not args.tls:
-        parser.error("--tls-ca and --tls-fingerprint need --tls")
+        usage_error("--tls-ca and --tls-fingerprint need --tls")
     if args.tls and args.tls_ca and args.tls_fingerprint:
-        parser.error("give --tls-ca or --tls-fingerprint, not both")
+        usage_error("give --tls-ca or --tls-fingerprint, not both")
     if args.tls and not (args.tls_ca or args.tls_fingerprint):
-        parser.error("--tls needs --tls-ca FILE or --tls-fingerprint SHA256 to verify the daemon")
+        usage_error("--tls needs --tls-ca FILE or --tls-fingerprint SHA256 to verify the daemon")
     if args.tls and args.address[0] != "tcp":
-        parser.error("--tls is for TCP destinations; %s is a unix socket"
+        usage_error("--tls is for TCP destinations; %s is a unix socket"
                      % format_address(args.address))
     if args.tty is None:
         args.tty = not args.command or (os.isatty(STDIN_FILENO) and os.isatty(STDOUT_FILENO))
     elif not args.tty and not args.command:
-        parser.error("a login shell needs a pty: drop -T, or give a command after --")
+        usage_error("a login shell needs a pty: drop -T, or give a command after --")
 
 
 # --- Connecting and the handshake ---------------------------------------------
@@ -397,6 +475,7 @@ class Channel:
         self.sock = sock
         self.where = where
         self.reader = FrameReader(MAX_FRAME)
+        self.recv_buffer = bytearray(READ_SIZE)  # reused by receive()
 
     def send(self, frame_type, payload=b""):
         try:
@@ -440,9 +519,13 @@ class Channel:
     def receive(self):
         """Read what the socket has; return False at end of file."""
         try:
-            data = self.sock.recv(READ_SIZE)
-            while data and getattr(self.sock, "pending", lambda: 0)():
-                data += self.sock.recv(READ_SIZE)  # TLS: bytes the selector cannot see
+            # Into a reused buffer: recv(READ_SIZE) allocates READ_SIZE bytes,
+            # above glibc's 128 KiB mmap threshold, so a short read would
+            # mmap, mremap and munmap on every call.
+            count = self.sock.recv_into(self.recv_buffer)
+            data = memoryview(self.recv_buffer)[:count]
+            while count and getattr(self.sock, "pending", lambda: 0)():
+                data = bytes(data) + self.sock.recv(READ_SIZE)  # TLS: bytes the selector cannot see
         except socket.timeout:
             raise ClientError("%s did not answer within %g s" % (self.where, HANDSHAKE_TIMEOUT))
         except OSError as e:
@@ -913,4 +996,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_status = main()
+    # Skip the interpreter's teardown, which is a measurable part of every
+    # command's latency.  Output went out with os.write; flush the rest.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_status)

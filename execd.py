@@ -1850,7 +1850,12 @@ class Daemon:
         for sock in (self.wakeup_read, wakeup_write):
             sock.setblocking(False)
         self.wakeup_write = wakeup_write  # kept open for the daemon's life
-        signal.set_wakeup_fd(wakeup_write.fileno())
+        try:
+            # A burst of SIGCHLDs can fill the socket; the loop reaps them all
+            # in one waitpid loop anyway, so a lost byte is harmless.
+            signal.set_wakeup_fd(wakeup_write.fileno(), warn_on_full_buffer=False)
+        except TypeError:  # Python 3.6 has no warn_on_full_buffer
+            signal.set_wakeup_fd(wakeup_write.fileno())
         for number in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(number, lambda signum, frame: None)
         self.watch(self.wakeup_read.fileno(), selectors.EVENT_READ, self.on_signals)

@@ -78,8 +78,9 @@ SESSION_END_TIMEOUT = 30.0    # seconds for ended sessions' children to be reape
 RSS_SAMPLE_INTERVAL = 0.01    # seconds between VmRSS samples
 SETTLE_SECONDS = 0.5          # pause before an idle or held-sessions RSS reading
 
-# The slow reader: reads CHUNK-byte blocks from stdin, sleeping so that its
-# average rate never exceeds RATE bytes per second, and prints the byte count.
+# The slow reader: reads stdin in blocks of at most CHUNK bytes, sleeping after
+# each so that its average rate stays at RATE bytes per second or below, and
+# prints the byte count.
 SLOW_READER = r"""
 import os, sys, time
 rate, chunk = float(sys.argv[1]), int(sys.argv[2])
@@ -129,7 +130,7 @@ def settled_rss(pid, samples=5):
 
 
 def reset_peak_rss(pid):
-    """Reset VmHWM to the current RSS (Linux 4.0+); return False on an error."""
+    """Reset VmHWM to the current RSS; return False if the kernel rejects it."""
     try:
         with open("/proc/%d/clear_refs" % pid, "w") as f:
             f.write("5")
