@@ -43,6 +43,7 @@ import os
 import selectors
 import signal
 import socket
+import stat
 import struct
 import sys
 import time
@@ -69,7 +70,7 @@ STDIN_WINDOW = 0x22
 EXIT = 0x23
 ERROR = 0x7F
 
-MAX_FRAME = 1 << 20   # the daemon sends data frames of at most 64 KiB
+MAX_FRAME = 1 << 20   # the daemon sends data frames of at most 1 MiB
 NONCE_BYTES = 32
 CLIENT_MAC_LABEL = b"execc client\0"
 DAEMON_MAC_LABEL = b"execd daemon\0"
@@ -95,6 +96,13 @@ ESCALATION_COUNT = 3
 ESCALATION_WINDOW = 5.0
 
 DEFAULT_ROWS, DEFAULT_COLS = 24, 80
+
+# Linux splice(2), in Python 3.10 and newer: a large output frame's payload
+# moves from the socket into a stdout or stderr pipe inside the kernel, never
+# copied through this process.  Smaller frames, files, terminals, TLS and
+# older Pythons use recv() and write().
+SPLICE = getattr(os, "splice", None)
+SPLICE_MIN = 16 * 1024
 
 
 class ClientError(Exception):
@@ -124,6 +132,9 @@ class FrameReader:
             del self.buffer[:self.position]
             self.position = 0
         self.buffer += data
+
+    def at_frame_boundary(self):
+        return self.position == len(self.buffer)
 
     def next_frame(self):
         """Return the next complete (type, payload), or None if none is whole."""
@@ -477,9 +488,12 @@ class Channel:
         self.reader = FrameReader(MAX_FRAME)
         self.recv_buffer = bytearray(READ_SIZE)  # reused by receive()
 
-    def send(self, frame_type, payload=b""):
+    def send(self, frame_type, payload=b"", payload_length=None):
+        """Send a frame; with payload_length, only its header (the payload follows)."""
+        if payload_length is None:
+            payload_length = len(payload)
         try:
-            self.sock.sendall(HEADER.pack(len(payload), frame_type) + payload)
+            self.sock.sendall(HEADER.pack(payload_length, frame_type) + payload)
         except OSError as e:
             # EPIPE/ECONNRESET: the daemon may have refused us (SO_PEERCRED,
             # limits) with a fatal ERROR and closed before reading this frame;
@@ -665,6 +679,15 @@ def exit_status_from(info):
     return EXIT_CLIENT_FAILURE
 
 
+def enlarge_pipe(fd):
+    """Raise a pipe's capacity to 1 MiB where Linux allows it: fewer, larger moves."""
+    import fcntl
+    try:
+        fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
+    except OSError:
+        pass  # EPERM above /proc/sys/fs/pipe-max-size, or EBUSY: keep its size
+
+
 class EscapeFilter:
     """ssh-style escapes typed at the start of a line: ~. ~? ~~."""
 
@@ -715,7 +738,8 @@ class ClientSession:
         # poll(), not epoll: epoll_ctl() rejects regular files with EPERM, and
         # stdin is often one (`execc -- cat < file`); poll reports them readable.
         self.selector = getattr(selectors, "PollSelector", selectors.SelectSelector)()
-        self.credit = int(hello.get("stdin_window", 0))
+        self.credit = self.window = int(hello.get("stdin_window", 0))
+        self.max_frame = int(hello.get("max_frame", MAX_FRAME))
         self.stdin_open = True
         self.stdin_watched = False
         self.closed_outputs = set()
@@ -725,6 +749,19 @@ class ClientSession:
         if args.tty and args.escape_byte is not None and os.isatty(STDIN_FILENO):
             self.escape = EscapeFilter(args.escape_byte)
         self.wakeup_read = None
+        self.splice_targets = {}
+        self.splice_stdin = False
+        if SPLICE is not None and not args.tls:
+            try:
+                self.splice_stdin = stat.S_ISFIFO(os.fstat(STDIN_FILENO).st_mode)
+                if self.splice_stdin:
+                    enlarge_pipe(STDIN_FILENO)
+            except OSError:
+                pass  # EBADF: stdin is closed, which on_stdin treats as end of file
+            for fd, name in ((STDOUT_FILENO, "stdout"), (STDERR_FILENO, "stderr")):
+                if stat.S_ISFIFO(os.fstat(fd).st_mode):
+                    self.splice_targets[fd] = name
+                    enlarge_pipe(fd)
 
     def run(self):
         """Forward until EXIT; return the exit status.  The only select()."""
@@ -811,6 +848,8 @@ class ClientSession:
             self.selector.unregister(STDIN_FILENO)
 
     def on_stdin(self):
+        if self.splice_stdin and self.escape is None and self.splice_stdin_frame():
+            return
         # With escapes on, one byte of credit stays free: a lone escape
         # character may have to be sent along with the next byte.
         size = min(STDIN_READ_SIZE, self.credit - (1 if self.escape else 0))
@@ -838,6 +877,35 @@ class ClientSession:
             self.channel.send(STDIN, data)
         self.update_stdin_watch()
 
+    def splice_stdin_frame(self):
+        """Send what waits in the stdin pipe as one STDIN frame, by splice.
+
+        Returns False, having sent nothing, when too little waits: then a
+        read() also tells end of file apart.
+        """
+        import fcntl
+        import termios
+        waiting = struct.unpack("i", fcntl.ioctl(STDIN_FILENO, termios.FIONREAD, b"\0" * 4))[0]
+        # A quarter of the window at most, so several frames are in flight
+        # while the daemon grants credit back for earlier ones.
+        count = min(waiting, self.credit, self.window // 4, self.max_frame)
+        if count < SPLICE_MIN:
+            return False
+        self.channel.send(STDIN, b"", payload_length=count)
+        sock_fd = self.channel.sock.fileno()
+        left = count
+        while left:
+            try:
+                moved = SPLICE(STDIN_FILENO, sock_fd, left)
+            except OSError as e:
+                raise ConnectionLost("connection to %s lost: %s" % (self.channel.where, e.strerror))
+            if moved == 0:  # another reader of our stdin took the bytes we counted
+                raise ClientError("stdin shrank while it was being sent; cannot continue")
+            left -= moved
+        self.credit -= count
+        self.update_stdin_watch()
+        return True
+
     def send_stdin_eof(self):
         self.stdin_open = False
         self.update_stdin_watch()
@@ -846,6 +914,9 @@ class ClientSession:
     # -- frames from the daemon ---------------------------------------------
 
     def on_socket(self):
+        if self.splice_targets and self.channel.reader.at_frame_boundary():
+            if self.splice_frame():
+                return
         if not self.channel.receive():
             raise ClientError("connection to %s lost before the command finished"
                               % self.channel.where)
@@ -884,11 +955,60 @@ class ClientSession:
         except OSError as e:
             if e.errno not in (errno.EPIPE, errno.EIO):
                 raise ClientError("cannot write %s: %s" % (name, e.strerror))
-            # EPIPE: our reader has gone (`execc -- yes | head`).  Tell the
-            # daemon, which closes the command's end, so the command gets
-            # SIGPIPE just as it would have locally.
-            self.closed_outputs.add(name)
-            self.channel.send_json(OUTPUT_CLOSED, {"stream": name})
+            self.close_output(name)
+
+    def close_output(self, name):
+        """Stop writing a broken output and tell the daemon.
+
+        EPIPE means our reader has gone (`execc -- yes | head`).  The daemon
+        then closes the command's end, so the command gets SIGPIPE just as
+        it would have locally.
+        """
+        self.closed_outputs.add(name)
+        self.channel.send_json(OUTPUT_CLOSED, {"stream": name})
+
+    def splice_frame(self):
+        """Splice one large output frame from the socket into its pipe.
+
+        Returns False, having consumed nothing, when the next frame is not
+        a large STDOUT or STDERR frame for an open pipe.
+        """
+        sock = self.channel.sock
+        try:
+            header = sock.recv(HEADER.size, socket.MSG_PEEK)
+        except OSError:
+            return False  # receive() reports the error
+        if len(header) < HEADER.size:
+            return False
+        length, frame_type = HEADER.unpack(header)
+        fd = {STDOUT: STDOUT_FILENO, STDERR: STDERR_FILENO}.get(frame_type)
+        name = self.splice_targets.get(fd)
+        if name is None or name in self.closed_outputs or not SPLICE_MIN <= length <= MAX_FRAME:
+            return False
+        sock.recv(HEADER.size)  # the peeked header, now consumed
+        while length:
+            try:
+                moved = SPLICE(sock.fileno(), fd, length)
+            except BrokenPipeError:
+                self.close_output(name)
+                self.discard_payload(length)
+                return True
+            except OSError as e:
+                raise ConnectionLost("connection to %s lost: %s" % (self.channel.where, e.strerror))
+            if moved == 0:
+                raise ConnectionLost("connection to %s lost before the command finished"
+                                     % self.channel.where)
+            length -= moved
+        return True
+
+    def discard_payload(self, length):
+        """Read and drop the rest of a payload whose output has gone."""
+        while length:
+            data = self.channel.sock.recv(min(length, READ_SIZE))
+            if not data:
+                raise ConnectionLost("connection to %s lost before the command finished"
+                                     % self.channel.where)
+            length -= len(data)
 
     def on_exit(self, info):
         if info.get("exec_error"):

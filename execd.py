@@ -159,9 +159,10 @@ FRAME_NAMES = {
 # Small enough that an unauthenticated peer cannot make the daemon buffer much.
 MAX_PREAUTH_FRAME = 4096
 DEFAULT_MAX_FRAME = 1 << 20
-# Credit the client starts with: enough to keep a pipe busy, small enough to
-# bound the daemon's stdin buffer per session.
-STDIN_WINDOW_BYTES = 256 * 1024
+# Credit the client starts with: room for several frames in flight, which
+# keeps a fast stdin streaming, and the bound on the daemon's stdin buffer
+# for a session whose command does not read.
+STDIN_WINDOW_BYTES = 1024 * 1024
 NONCE_BYTES = 32
 CLIENT_MAC_LABEL = b"execc client\0"
 DAEMON_MAC_LABEL = b"execd daemon\0"
@@ -205,6 +206,16 @@ FORWARDABLE_SIGNALS = ("HUP", "INT", "QUIT", "TERM", "USR1", "USR2",
 TIOCINQ = getattr(termios, "FIONREAD", 0x541B)  # bytes waiting in a pipe/pty
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)  # Linux only
 PIPE_SIZE = 1 << 20  # larger pipes mean fewer, larger reads
+
+# Linux splice(2), in Python 3.10 and newer: output moves from the command's
+# pipe to the client's socket inside the kernel, never copied through this
+# process.  Older Pythons, TLS and ptys use read() and send() instead.
+SPLICE = getattr(os, "splice", None)
+SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+# STDIN frames at least this large go from the socket into the command's
+# stdin pipe with splice; smaller ones are read with their neighbours.
+SPLICE_MIN = 16 * 1024
+F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)  # Linux only
 
 log = logging.getLogger("execd")
 
@@ -342,6 +353,9 @@ class FrameReader:
             del self.buffer[:self.position]
             self.position = 0
         self.buffer += data
+
+    def at_frame_boundary(self):
+        return self.position == len(self.buffer)
 
     def next_frame(self):
         """Return the next complete (type, payload), or None if none is whole."""
@@ -546,6 +560,31 @@ def poll_hangup(fd):
     return any(event & select.POLLHUP for _, event in poller.poll(0))
 
 
+class PipePayload:
+    """A frame payload that stays in the command's pipe until spliced out.
+
+    The connection's queue holds it after its frame header; the connection
+    splices `remaining` bytes from fd into the socket, then calls on_sent.
+    """
+
+    def __init__(self, fd, count, on_sent):
+        self.fd = fd
+        self.remaining = count
+        self.on_sent = on_sent
+
+    def __len__(self):
+        return self.remaining
+
+    def read_remaining(self):
+        """Read the bytes still in the pipe, for a stream about to close its fd."""
+        chunks = []
+        while self.remaining:
+            chunk = os.read(self.fd, self.remaining)  # they are there: we are the only reader
+            chunks.append(chunk)
+            self.remaining -= len(chunk)
+        return b"".join(chunks)
+
+
 class OutputStream:
     """One output of the command (stdout, stderr or the pty master).
 
@@ -571,29 +610,41 @@ class OutputStream:
         self.budget = None       # pipe drain: bytes left to read, None = to EOF
         self.quiet_timer = None  # pty drain: fires after PTY_DRAIN_QUIET idle
         self.drain_deadline = None
-        self.paused = False
+        self.paused = False      # the client is behind (OUTPUT_HIGH_WATER)
+        self.watching = False
+        self.in_flight = None    # a PipePayload the connection has not sent yet
+        self.splice = (SPLICE is not None and not is_pty
+                       and session.connection.listener.tls_context is None)
         self.held_open = False   # a background process still held it at the end
         self.discarded = 0       # bytes left unread when the stream was closed
 
     def __repr__(self):
         return "<OutputStream %s fd=%s budget=%s>" % (self.name, self.fd, self.budget)
 
-    def watch(self):
-        self.session.daemon.watch(self.fd, selectors.EVENT_READ, self.on_readable)
+    def update_watch(self):
+        """Read while the client keeps up and no spliced payload is pending."""
+        wanted = self.fd is not None and not self.paused and self.in_flight is None
+        if wanted != self.watching:
+            self.watching = wanted
+            if wanted:
+                self.session.daemon.watch(self.fd, selectors.EVENT_READ, self.on_readable)
+            else:
+                self.session.daemon.unwatch(self.fd)
 
     def pause(self):
-        if self.fd is not None and not self.paused:
-            self.paused = True
-            self.session.daemon.unwatch(self.fd)
+        self.paused = True
+        self.update_watch()
 
     def resume(self):
         if self.fd is not None and self.paused:
             self.paused = False
-            self.watch()
+            self.update_watch()
             if self.quiet_timer is not None:
                 self.arm_quiet_timer()
 
     def on_readable(self, mask):
+        if self.splice and self.queue_splice():
+            return
         size = READ_SIZE if self.budget is None else min(READ_SIZE, self.budget)
         try:
             data = os.read(self.fd, size)
@@ -612,6 +663,31 @@ class OutputStream:
         elif self.quiet_timer is not None:
             self.arm_quiet_timer()
 
+    def queue_splice(self):
+        """Queue the bytes waiting in the pipe as one spliced frame.
+
+        Returns False when the pipe is empty: then a read() tells end of
+        file from a spurious wakeup.
+        """
+        count = min(pending_bytes(self.fd), PIPE_SIZE)
+        if self.budget is not None:
+            count = min(count, self.budget)
+        if count == 0:
+            return False
+        self.in_flight = PipePayload(self.fd, count, self.on_spliced)
+        self.update_watch()
+        if self.budget is not None:
+            self.budget -= count
+        self.session.send_output(self.frame_type, self.in_flight)
+        return True
+
+    def on_spliced(self):
+        self.in_flight = None
+        if self.budget == 0:
+            self.close(end_of_file=False)
+        else:
+            self.update_watch()
+
     def start_drain(self):
         """Apply the drain rule (class docstring) once the command is reaped."""
         if self.fd is None or poll_hangup(self.fd):
@@ -620,8 +696,10 @@ class OutputStream:
             self.drain_deadline = time.monotonic() + PTY_DRAIN_MAX
             self.arm_quiet_timer()
             return
-        self.budget = pending_bytes(self.fd)
-        if self.budget == 0:
+        # Bytes already queued as a PipePayload are still in the pipe, and
+        # already counted.
+        self.budget = pending_bytes(self.fd) - len(self.in_flight or ())
+        if self.budget == 0 and self.in_flight is None:
             self.close(end_of_file=False)
 
     def arm_quiet_timer(self):
@@ -643,11 +721,17 @@ class OutputStream:
             return
         if self.quiet_timer is not None:
             self.quiet_timer.cancel()
+        if self.in_flight is not None:
+            # The queued payload must not outlive its fd: take its bytes now.
+            self.session.connection.replace_payload(self.in_flight,
+                                                    self.in_flight.read_remaining())
+            self.in_flight = None
         if not end_of_file:
             self.held_open = not poll_hangup(self.fd)
             self.discarded = pending_bytes(self.fd)
-        if not self.paused:
+        if self.watching:
             self.session.daemon.unwatch(self.fd)
+            self.watching = False
         self.fd = close_fd(self.fd)
         self.session.on_stream_closed(self)
 
@@ -668,6 +752,7 @@ class StdinSink:
         self.eof_requested = False
         self.watching = False
         self.last_byte = None      # pty: the last byte written, for finish()
+        self.capacity = None if is_pty else fcntl.fcntl(fd, F_GETPIPE_SZ)
 
     def __repr__(self):
         return "<StdinSink fd=%s pending=%d>" % (self.fd, len(self.pending))
@@ -678,6 +763,16 @@ class StdinSink:
             return
         self.pending += data
         self.flush()
+
+    def splice_room(self):
+        """Return how many bytes may be spliced into the stdin pipe now.
+
+        0 means the bytes go through `pending` instead: for a pty, after the
+        command closed its stdin, while older bytes wait, or with the pipe full.
+        """
+        if self.is_pty or self.fd is None or self.pending:
+            return 0
+        return max(0, self.capacity - pending_bytes(self.fd))
 
     def request_eof(self):
         self.eof_requested = True
@@ -839,7 +934,7 @@ class Session:
         self.start_fds += [stdout_read, stdout_write]
         stderr_read, stderr_write = os.pipe()
         self.start_fds += [stderr_read, stderr_write]
-        for fd in (stdout_read, stderr_read):
+        for fd in (p2c_write, stdout_read, stderr_read):
             enlarge_pipe(fd)
         parent_fds = [(stdout_read, "stdout", STDOUT), (stderr_read, "stderr", STDERR)]
         return (p2c_read, stdout_write, stderr_write), parent_fds, p2c_write
@@ -852,7 +947,7 @@ class Session:
         for fd, name, frame_type in parent_fds:
             stream = OutputStream(self, fd, frame_type, name, self.tty)
             self.streams.append(stream)
-            stream.watch()
+            stream.update_watch()
         self.daemon.watch(self.errpipe_read, selectors.EVENT_READ, self.on_errpipe)
 
     def abandon_start(self):
@@ -1152,6 +1247,8 @@ class Connection:
         self.session = None
         self.nonce = None
         self.stdin_outstanding = 0  # STDIN bytes received and not yet granted back
+        self.stdin_payload_left = 0  # bytes of a spliced STDIN payload still in the socket
+        self.splice_stdin = SPLICE is not None and listener.tls_context is None
         self.reading = True
         self.events = 0
         self.deadline = daemon.call_later(daemon.config.handshake_timeout,
@@ -1211,6 +1308,15 @@ class Connection:
     # -- reading ------------------------------------------------------------
 
     def on_readable(self):
+        if (self.splice_stdin and self.phase == IN_SESSION
+                and self.reader.at_frame_boundary()):
+            try:
+                if self.stdin_payload_left or self.start_stdin_payload():
+                    self.continue_stdin_payload()
+                    return
+            except ProtocolError as e:
+                self.fail(str(e))
+                return
         chunks = []
         try:
             chunks.append(self.sock.recv(READ_SIZE))
@@ -1239,6 +1345,61 @@ class Connection:
                 self.dispatch(*frame)
         except ProtocolError as e:
             self.fail(str(e))
+
+    def start_stdin_payload(self):
+        """Consume the header of a large STDIN frame, leaving its payload queued.
+
+        Returns False, having consumed nothing, for any other next frame.
+        """
+        try:
+            header = self.sock.recv(HEADER.size, socket.MSG_PEEK)
+        except OSError:
+            return False  # the normal read reports it
+        if len(header) < HEADER.size:
+            return False
+        length, frame_type = HEADER.unpack(header)
+        if frame_type != STDIN or not SPLICE_MIN <= length <= self.reader.max_payload:
+            return False
+        self.sock.recv(HEADER.size)
+        self.check_stdin_allowed(length)
+        self.stdin_payload_left = length
+        return True
+
+    def continue_stdin_payload(self):
+        """Move the rest of a STDIN payload from the socket to the command.
+
+        Spliced straight into the stdin pipe while it has room.  When it has
+        none (the command is not reading), the bytes are read into the
+        StdinSink's buffer instead, within the stdin window, so the socket
+        keeps moving and control frames behind the payload still arrive.
+        """
+        sink = self.session.stdin
+        while self.stdin_payload_left:
+            room = sink.splice_room()
+            try:
+                if room:
+                    moved = SPLICE(self.fd, sink.fd, min(room, self.stdin_payload_left),
+                                   flags=SPLICE_FLAGS)
+                else:
+                    data = self.sock.recv(min(self.stdin_payload_left, READ_SIZE))
+                    moved = len(data)
+            except (BlockingIOError, InterruptedError):
+                return  # EAGAIN: the rest has not arrived (the pipe has room)
+            except BrokenPipeError:
+                sink.close()  # EPIPE: the command closed its stdin; drop the rest
+                continue
+            except OSError as e:
+                self.on_peer_gone("connection error: %s" % e.strerror)
+                return
+            if moved == 0:
+                self.on_peer_gone("client closed the connection")
+                return
+            self.stdin_payload_left -= moved
+            if room:
+                self.session.bytes_in += moved
+                self.grant_stdin(moved)
+            else:
+                self.session.on_stdin(data)
 
     def on_peer_gone(self, reason):
         if self.phase == FINISHING:
@@ -1357,12 +1518,16 @@ class Connection:
             self.fail("cannot start the command: %s" % e.strerror, log_it=False)
 
     def on_stdin(self, payload):
-        self.stdin_outstanding += len(payload)
+        self.check_stdin_allowed(len(payload))
+        self.session.on_stdin(payload)
+
+    def check_stdin_allowed(self, length):
+        """Count a STDIN payload against the window; reject one out of order."""
+        self.stdin_outstanding += length
         if self.stdin_outstanding > STDIN_WINDOW_BYTES:
             raise ProtocolError("STDIN exceeds the window of %d bytes" % STDIN_WINDOW_BYTES)
         if self.session.stdin.eof_requested:
             raise ProtocolError("STDIN after STDIN_EOF")
-        self.session.on_stdin(payload)
 
     def on_stdin_eof(self, payload):
         if self.session.stdin.eof_requested:
@@ -1432,9 +1597,16 @@ class Connection:
 
     def send_some(self):
         """Send one batch; return the byte count, or None when it would block."""
+        if isinstance(self.out[0], PipePayload):
+            return self.splice_some()
         if self.listener.tls_context is None:
+            batch = []
+            for item in self.out[:64]:
+                if isinstance(item, PipePayload):
+                    break  # spliced next time round, after these bytes
+                batch.append(item)
             try:
-                sent = self.sock.sendmsg(self.out[:64])
+                sent = self.sock.sendmsg(batch)
             except (BlockingIOError, InterruptedError):
                 return None
         else:
@@ -1449,6 +1621,29 @@ class Connection:
             self.tls_retry = None
         self.consume(sent)
         return sent
+
+    def splice_some(self):
+        """Move the head PipePayload's bytes from the pipe into the socket."""
+        payload = self.out[0]
+        try:
+            sent = SPLICE(payload.fd, self.fd, payload.remaining, flags=SPLICE_FLAGS)
+        except (BlockingIOError, InterruptedError):
+            return None  # EAGAIN: the socket is full (the pipe holds the bytes)
+        if sent == 0:
+            raise OSError(errno.EIO, "splice moved nothing from a pipe holding data")
+        payload.remaining -= sent
+        self.out_bytes -= sent
+        if payload.remaining == 0:
+            del self.out[0]
+            payload.on_sent()
+        return sent
+
+    def replace_payload(self, payload, data):
+        """Put data in place of a PipePayload whose fd is about to close."""
+        for index, item in enumerate(self.out):
+            if item is payload:
+                self.out[index] = data
+                return
 
     def consume(self, sent):
         self.out_bytes -= sent
