@@ -114,7 +114,7 @@ class ConnectionLost(ClientError):
 
 
 class ProtocolViolation(ClientError):
-    """The daemon broke the protocol: execc answers with a fatal ERROR frame."""
+    """The daemon broke the protocol: execc replies with a fatal ERROR frame."""
 
 
 # --- Frames (a copy of execd.py's) -------------------------------------------
@@ -495,9 +495,9 @@ class Channel:
         try:
             self.sock.sendall(HEADER.pack(payload_length, frame_type) + payload)
         except OSError as e:
-            # EPIPE/ECONNRESET: the daemon may have refused us (SO_PEERCRED,
-            # limits) with a fatal ERROR and closed before reading this frame;
-            # its reason is still in our receive buffer and says more.
+            # EPIPE/ECONNRESET: the daemon may have rejected us (SO_PEERCRED,
+            # limits) with a fatal ERROR and closed before reading this frame.
+            # Its reason is still in our receive buffer, and is more useful.
             message = self.pending_error()
             if message is not None:
                 raise ClientError("%s: %s" % (self.where, message))
@@ -528,7 +528,7 @@ class Channel:
         try:
             self.send_json(ERROR, {"message": message, "fatal": True})
         except ClientError:
-            pass  # the connection is already broken: the close says enough
+            pass  # the connection is already broken, and the close is the message
 
     def receive(self):
         """Read what the socket has; return False at end of file."""
@@ -541,7 +541,7 @@ class Channel:
             while count and getattr(self.sock, "pending", lambda: 0)():
                 data = bytes(data) + self.sock.recv(READ_SIZE)  # TLS: bytes the selector cannot see
         except socket.timeout:
-            raise ClientError("%s did not answer within %g s" % (self.where, HANDSHAKE_TIMEOUT))
+            raise ClientError("%s did not respond within %g s" % (self.where, HANDSHAKE_TIMEOUT))
         except OSError as e:
             raise ConnectionLost("connection to %s lost: %s" % (self.where, e.strerror or e))
         self.reader.feed(data)
@@ -666,9 +666,9 @@ def write_all(fd, data):
 def exit_status_from(info):
     """Turn an EXIT frame into this process's exit status (the sh convention).
 
-    A command killed by signal n gives 128+n, as sh and bash report it; the
-    name is mapped to this system's number, since numbers differ between
-    systems, with the daemon's number as a fallback for unknown names.
+    A command killed by signal n gives 128+n, as sh and bash report it.
+    The name is mapped to this system's number, because numbers differ
+    between systems, and the daemon's number is the fallback for unknown names.
     """
     if info.get("signal"):
         number = signal_number(info["signal"]) or info.get("signal_number")
@@ -677,6 +677,13 @@ def exit_status_from(info):
     if isinstance(code, int) and 0 <= code <= 255:
         return code
     return EXIT_CLIENT_FAILURE
+
+
+def is_pipe(fd):
+    try:
+        return stat.S_ISFIFO(os.fstat(fd).st_mode)
+    except OSError:
+        return False  # EBADF: a closed fd is no pipe
 
 
 def enlarge_pipe(fd):
@@ -749,19 +756,20 @@ class ClientSession:
         if args.tty and args.escape_byte is not None and os.isatty(STDIN_FILENO):
             self.escape = EscapeFilter(args.escape_byte)
         self.wakeup_read = None
-        self.splice_targets = {}
         self.splice_stdin = False
+        self.splice_targets = {}  # output fd -> stream name, for pipes only
         if SPLICE is not None and not args.tls:
-            try:
-                self.splice_stdin = stat.S_ISFIFO(os.fstat(STDIN_FILENO).st_mode)
-                if self.splice_stdin:
-                    enlarge_pipe(STDIN_FILENO)
-            except OSError:
-                pass  # EBADF: stdin is closed, which on_stdin treats as end of file
-            for fd, name in ((STDOUT_FILENO, "stdout"), (STDERR_FILENO, "stderr")):
-                if stat.S_ISFIFO(os.fstat(fd).st_mode):
-                    self.splice_targets[fd] = name
-                    enlarge_pipe(fd)
+            self.find_pipes()
+
+    def find_pipes(self):
+        """Note which of stdin, stdout and stderr are pipes that splice can use."""
+        self.splice_stdin = is_pipe(STDIN_FILENO)
+        if self.splice_stdin:
+            enlarge_pipe(STDIN_FILENO)
+        for fd, name in ((STDOUT_FILENO, "stdout"), (STDERR_FILENO, "stderr")):
+            if is_pipe(fd):
+                self.splice_targets[fd] = name
+                enlarge_pipe(fd)
 
     def run(self):
         """Forward until EXIT; return the exit status.  The only select()."""
@@ -849,6 +857,8 @@ class ClientSession:
 
     def on_stdin(self):
         if self.splice_stdin and self.escape is None and self.splice_stdin_frame():
+            while self.splice_stdin_frame():
+                pass  # more frames while stdin has bytes and credit lasts
             return
         # With escapes on, one byte of credit stays free: a lone escape
         # character may have to be sent along with the next byte.
@@ -880,8 +890,8 @@ class ClientSession:
     def splice_stdin_frame(self):
         """Send what waits in the stdin pipe as one STDIN frame, by splice.
 
-        Returns False, having sent nothing, when too little waits: then a
-        read() also tells end of file apart.
+        Returns False, having sent nothing, when too little waits.  The
+        read() that follows then also detects end of file.
         """
         import fcntl
         import termios

@@ -1311,8 +1311,7 @@ class Connection:
         if (self.splice_stdin and self.phase == IN_SESSION
                 and self.reader.at_frame_boundary()):
             try:
-                if self.stdin_payload_left or self.start_stdin_payload():
-                    self.continue_stdin_payload()
+                if self.splice_stdin_frames():
                     return
             except ProtocolError as e:
                 self.fail(str(e))
@@ -1346,6 +1345,21 @@ class Connection:
         except ProtocolError as e:
             self.fail(str(e))
 
+    def splice_stdin_frames(self):
+        """Splice consecutive large STDIN frames; return False if none was next.
+
+        Several frames per wakeup, because each trip through the event loop
+        costs more than moving the bytes of one frame.
+        """
+        handled = False
+        while self.phase == IN_SESSION:
+            if not self.stdin_payload_left and not self.start_stdin_payload():
+                break
+            handled = True
+            if not self.continue_stdin_payload():
+                break
+        return handled
+
     def start_stdin_payload(self):
         """Consume the header of a large STDIN frame, leaving its payload queued.
 
@@ -1366,7 +1380,7 @@ class Connection:
         return True
 
     def continue_stdin_payload(self):
-        """Move the rest of a STDIN payload from the socket to the command.
+        """Move the rest of a STDIN payload to the command; True when it is done.
 
         Spliced straight into the stdin pipe while it has room.  When it has
         none (the command is not reading), the bytes are read into the
@@ -1384,22 +1398,23 @@ class Connection:
                     data = self.sock.recv(min(self.stdin_payload_left, READ_SIZE))
                     moved = len(data)
             except (BlockingIOError, InterruptedError):
-                return  # EAGAIN: the rest has not arrived (the pipe has room)
+                return False  # EAGAIN: the rest has not arrived (the pipe has room)
             except BrokenPipeError:
                 sink.close()  # EPIPE: the command closed its stdin; drop the rest
                 continue
             except OSError as e:
                 self.on_peer_gone("connection error: %s" % e.strerror)
-                return
+                return False
             if moved == 0:
                 self.on_peer_gone("client closed the connection")
-                return
+                return False
             self.stdin_payload_left -= moved
             if room:
                 self.session.bytes_in += moved
                 self.grant_stdin(moved)
             else:
                 self.session.on_stdin(data)
+        return True
 
     def on_peer_gone(self, reason):
         if self.phase == FINISHING:
