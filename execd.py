@@ -511,13 +511,13 @@ def wait_status_to_wire(status):
             "signal_number": None, "core": False}
 
 
-def session_members(session_id):
-    """Return the pids whose session id is session_id (Linux /proc), or None."""
+def scan_sessions():
+    """Return {session id: [pids]} for every live process (Linux /proc), or None."""
     try:
         names = os.listdir("/proc")
     except OSError:
         return None
-    members = []
+    sessions = {}
     for name in names:
         if not name.isdigit():
             continue
@@ -528,9 +528,9 @@ def session_members(session_id):
             continue  # the process exited while we listed /proc
         # Field 2 (comm) may contain spaces and parentheses: split after the last ")".
         fields = stat_line[stat_line.rfind(b")") + 2:].split()
-        if len(fields) > 3 and int(fields[3]) == session_id and fields[0] != b"Z":
-            members.append(int(name))
-    return members
+        if len(fields) > 3 and fields[0] != b"Z":
+            sessions.setdefault(int(fields[3]), []).append(int(name))
+    return sessions
 
 
 # --- Session: one command and its fds ---------------------------------------
@@ -1140,7 +1140,7 @@ class Session:
         Returns the pids signalled, or None where /proc is missing and only
         the process group could be signalled.
         """
-        members = session_members(self.pid)
+        members = self.daemon.session_members(self.pid)
         if members is None:
             try:
                 os.killpg(self.pid, number)
@@ -1180,7 +1180,7 @@ class Session:
         if self.status is None or self.errpipe_read is not None:
             return
         if self.state == HUNG_UP:
-            if self.kill_timer is not None and session_members(self.pid):
+            if self.kill_timer is not None and self.daemon.session_members(self.pid):
                 return  # background members still get their SIGKILL
             if self.kill_timer is not None:
                 self.kill_timer.cancel()
@@ -1973,6 +1973,8 @@ class Daemon:
         self.stopping = False
         self.stop_deadline = None
         self.wakeup_read = None
+        self.loop_pass = 0             # counts event loop passes
+        self.process_scan = (None, None)  # (loop pass, scan_sessions() result)
 
     # -- selector and timers ---------------------------------------------
 
@@ -2019,6 +2021,7 @@ class Daemon:
     def serve_forever(self):
         """Run until stopped and every session is over.  The only select()."""
         while not self.finished():
+            self.loop_pass += 1
             timeout = self.run_due_timers()
             if self.finished():
                 break  # a timer ended the last session, and select() might never return
@@ -2189,6 +2192,18 @@ class Daemon:
     def next_session_number(self):
         self.session_counter += 1
         return self.session_counter
+
+    def session_members(self, session_id):
+        """Return the live pids in a session, or None without /proc.
+
+        One scan of /proc serves a whole loop pass: hanging up 500 sessions
+        at once then costs one scan, not 500.
+        """
+        scanned_in, sessions = self.process_scan
+        if scanned_in != self.loop_pass:
+            sessions = scan_sessions()
+            self.process_scan = (self.loop_pass, sessions)
+        return None if sessions is None else sessions.get(session_id, [])
 
     def forget_session(self, session):
         self.sessions.discard(session)

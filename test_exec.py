@@ -1841,9 +1841,10 @@ def test_escape_dot_disconnects_and_hangs_up(pty_quick_daemon, pty_terminals):
 
 
 def test_escape_dot_kills_hup_ignorer(pty_quick_daemon, pty_terminals):
-    script = 'trap "" HUP; while :; do sleep 0.1; done'
+    script = 'trap "" HUP; echo trapped; while :; do sleep 0.1; done'
     terminal = pty_terminals(execc_argv(pty_quick_daemon, "sh", "-c", script))
     _, pid = pty_running(pty_quick_daemon, terminal, "sh")
+    terminal.read_until(rb"trapped")  # SIGHUP before the trap would kill sh at once
     terminal.write(b"~.")
     assert terminal.wait() == 255
     pty_quick_daemon.wait_for_log(r"session 1: grace period over: SIGKILL")
