@@ -1248,6 +1248,7 @@ class Connection:
         self.nonce = None
         self.stdin_outstanding = 0  # STDIN bytes received and not yet granted back
         self.stdin_payload_left = 0  # bytes of a spliced STDIN payload still in the socket
+        self.spliced_ungranted = 0   # spliced STDIN bytes whose credit is not yet sent
         self.splice_stdin = SPLICE is not None and listener.tls_context is None
         self.reading = True
         self.events = 0
@@ -1352,12 +1353,19 @@ class Connection:
         costs more than moving the bytes of one frame.
         """
         handled = False
-        while self.phase == IN_SESSION:
-            if not self.stdin_payload_left and not self.start_stdin_payload():
-                break
-            handled = True
-            if not self.continue_stdin_payload():
-                break
+        self.spliced_ungranted = 0
+        try:
+            while self.phase == IN_SESSION:
+                if not self.stdin_payload_left and not self.start_stdin_payload():
+                    break
+                handled = True
+                if not self.continue_stdin_payload():
+                    break
+        finally:
+            # One STDIN_WINDOW for the whole batch: a frame each costs as
+            # much as the splices themselves.
+            if self.spliced_ungranted:
+                self.grant_stdin(self.spliced_ungranted)
         return handled
 
     def start_stdin_payload(self):
@@ -1411,7 +1419,7 @@ class Connection:
             self.stdin_payload_left -= moved
             if room:
                 self.session.bytes_in += moved
-                self.grant_stdin(moved)
+                self.spliced_ungranted += moved  # granted by splice_stdin_frames
             else:
                 self.session.on_stdin(data)
         return True
