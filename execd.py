@@ -693,6 +693,8 @@ class OutputStream:
         if self.fd is None or poll_hangup(self.fd):
             return  # no writer left: read on to EOF or EIO
         if self.is_pty:
+            # NOTE: a background job that keeps writing to the terminal is
+            # cut off at PTY_DRAIN_MAX, and its last bytes are lost.
             self.drain_deadline = time.monotonic() + PTY_DRAIN_MAX
             self.arm_quiet_timer()
             return
@@ -1136,6 +1138,9 @@ class Session:
 
     def signal_session(self, number):
         """Signal every process in the command's session (its sid is its pid).
+
+        NOTE: a process that called setsid() itself has left the session and
+        is not signalled, so it can outlive a hang-up.
 
         Returns the pids signalled, or None where /proc is missing and only
         the process group could be signalled.
@@ -2172,7 +2177,12 @@ class Daemon:
                 "root, nor in its --socket-group" % (uid, os.getuid()))
 
     def reject(self, sock, message):
-        """Best-effort fatal ERROR to a peer that gets no Connection, then close."""
+        """Best-effort fatal ERROR to a peer that gets no Connection, then close.
+
+        NOTE: on TCP, a HELLO that arrives after this close draws a reset,
+        which can discard the ERROR before the client reads it; the client
+        then reports a lost connection instead of this message.
+        """
         try:
             sock.send(frame_bytes(ERROR, encode_json({"message": message, "fatal": True})))
         except OSError as e:
