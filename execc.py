@@ -283,9 +283,9 @@ class Options:
 
 
 def usage_error(message):
-    """Print the usage and one error line, and exit 2, as argparse does."""
-    sys.stderr.write(USAGE + "execc.py: error: %s\n" % message)
-    sys.exit(2)
+    """Print one error line and exit 255, like every other failure of execc itself."""
+    sys.stderr.write("execc.py: error: %s (see execc.py --help)\n" % message)
+    sys.exit(EXIT_CLIENT_FAILURE)
 
 
 def parse_args(argv):
@@ -365,6 +365,8 @@ def check_args(args):
     args.environment = {}
     for entry in args.env:
         key, sep, value = entry.partition("=")
+        if not key:
+            usage_error("invalid --env %r: expected KEY=VALUE with a non-empty KEY" % entry)
         if not sep:
             if key not in os.environ:
                 usage_error("invalid --env %r: %s is not set here; use --env %s=VALUE"
@@ -390,6 +392,14 @@ def check_args(args):
     if args.tls and args.address[0] != "tcp":
         usage_error("--tls is for TCP destinations; %s is a unix socket"
                      % format_address(args.address))
+    if args.command and not args.command[0]:
+        usage_error("the command after -- is an empty string")
+    if args.tls_fingerprint is not None:
+        digits = args.tls_fingerprint.replace(":", "").lower()
+        if len(digits) != 64 or any(d not in "0123456789abcdef" for d in digits):
+            usage_error("invalid --tls-fingerprint %r: expected 64 hex digits (SHA-256), "
+                        "for example from: openssl x509 -in CERT -noout -fingerprint "
+                        "-sha256" % args.tls_fingerprint)
     if args.tty is None:
         args.tty = not args.command or (os.isatty(STDIN_FILENO) and os.isatty(STDOUT_FILENO))
     elif not args.tty and not args.command:
@@ -454,7 +464,10 @@ def wrap_tls(sock, args):
     import ssl  # only with --tls: a host without the ssl module runs everything else
     import hashlib
     if args.tls_ca:
-        context = ssl.create_default_context(cafile=args.tls_ca)
+        try:
+            context = ssl.create_default_context(cafile=args.tls_ca)
+        except (OSError, ssl.SSLError) as e:
+            raise ClientError("cannot load --tls-ca %s: %s" % (args.tls_ca, e.strerror or e))
     else:
         # Pinning: the certificate is checked against --tls-fingerprint below
         # instead of against a CA, as ssh checks known_hosts.
@@ -462,8 +475,12 @@ def wrap_tls(sock, args):
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     where = format_address(args.address)
+    verify_error = getattr(ssl, "SSLCertVerificationError", ())  # Python 3.7+
     try:
         sock = context.wrap_socket(sock, server_hostname=args.address[1])
+    except verify_error as e:
+        raise ClientError("TLS with %s failed: the daemon's certificate did not verify "
+                          "against --tls-ca %s: %s" % (where, args.tls_ca, e.verify_message))
     except (ssl.SSLError, ssl.CertificateError, OSError) as e:
         raise ClientError("TLS with %s failed: %s (is the daemon started with "
                           "--tls-cert and --tls-key?)" % (where, e))

@@ -862,6 +862,7 @@ class Session:
         self.pty_master = None        # kept for WINSIZE and signal targeting
         self.errpipe_read = None
         self.start_fds = []           # see start() and abandon_start()
+        self.early_signals = []       # SIGNAL names received before exec succeeded
         self.stdin = None
         self.streams = []
         self.status = None            # waitpid status once reaped
@@ -975,6 +976,9 @@ class Session:
             self.set_state(RUNNING)
             self.connection.send_json(STARTED, {"session": self.number,
                                                 "pid": self.pid, "tty": self.tty})
+            for name in self.early_signals:
+                self.forward_signal(name)
+            self.early_signals = []
         self.check_finished()
 
     # -- client input ----------------------------------------------------
@@ -1001,6 +1005,11 @@ class Session:
         if self.status is not None or self.state == HUNG_UP:
             log.info("session %d: SIG%s not sent: the command has exited",
                      self.number, name)
+            return
+        if self.state == STARTING:
+            # Until exec succeeds the child may not have called setsid(), so
+            # its process group may not exist yet: deliver after the exec.
+            self.early_signals.append(name)
             return
         target = self.signal_target()
         log.info("session %d: forwarding SIG%s to process group %d",
@@ -1762,6 +1771,8 @@ def validate_request(request):
         raise ProtocolError("invalid request: tty must be true or false")
     if not argv and not tty:
         raise ProtocolError("invalid request: argv is empty (a login shell needs tty)")
+    if argv and not argv[0]:
+        raise ProtocolError("invalid request: argv[0], the command, is an empty string")
     for field in ("cwd", "term", "user", "group"):
         value = request.get(field)
         if value is not None and not (valid_text(value) and value):
@@ -2285,7 +2296,7 @@ def resolve_user(request, connection):
                             "and only a root daemon can switch users"
                             % (account.pw_name, group_name or account.pw_gid, os.getuid()))
     if connection.peer_uid != 0 and not connection.token_verified:
-        raise ProtocolError("cannot run as another user: only root or a "
+        raise ProtocolError("cannot run as another user or group: only root or a "
                             "token-authenticated client may ask for --user/--group")
     return (account.pw_name, account.pw_uid, gid)
 
@@ -2327,9 +2338,16 @@ def positive_seconds(text):
     return value
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line, without the usage block."""
+
+    def error(self, message):
+        self.exit(2, "execd.py: error: %s (see execd.py --help)\n" % message)
+
+
 def parse_args(argv):
     """Parse the command line; one statement per option, hence the length."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="execd.py",
         description="Run commands for execc clients over a unix socket or TCP.",
         epilog="Default socket: $EXECD_SOCKET, else $XDG_RUNTIME_DIR/execd/execd.sock, "
@@ -2347,8 +2365,8 @@ def parse_args(argv):
     parser.add_argument("--tls-cert", metavar="FILE", help="TLS certificate (PEM) for TCP")
     parser.add_argument("--tls-key", metavar="FILE", help="TLS private key (PEM) for TCP")
     parser.add_argument("--max-frame", type=positive_int, default=DEFAULT_MAX_FRAME,
-                        metavar="BYTES", help="max frame payload after authentication "
-                        "(default: %(default)s)")
+                        metavar="BYTES", help="max frame payload after authentication, "
+                        "at least 65536 (default: %(default)s)")
     parser.add_argument("--max-sessions", type=positive_int, default=1024, metavar="N",
                         help="max concurrent sessions (default: %(default)s)")
     parser.add_argument("--max-unauthenticated", type=positive_int, default=64, metavar="N",
@@ -2398,13 +2416,16 @@ LOG_FORMAT = "%(asctime)s execd[%(process)d]: %(levelname)s: %(message)s"
 
 
 def setup_logging(config):
+    """Set the level and open the destination; raise ConfigError if it cannot open."""
     level = logging.INFO
     if config.quiet:
         level = logging.WARNING
     if config.verbose:
         level = logging.DEBUG
     log.setLevel(level)
-    reopen_log(config)
+    error = reopen_log(config)
+    if error is not None:
+        raise ConfigError(error)
 
 
 def reopen_log(config):
@@ -2412,13 +2433,19 @@ def reopen_log(config):
     for handler in list(log.handlers):
         log.removeHandler(handler)
         handler.close()
+    error = None
+    handler = logging.StreamHandler(sys.stderr)
     if config.log_file:
-        handler = logging.FileHandler(config.log_file)
-    else:
-        handler = logging.StreamHandler(sys.stderr)
+        try:
+            handler = logging.FileHandler(config.log_file)
+        except OSError as e:
+            error = "cannot open --log-file %s: %s" % (config.log_file, e.strerror)
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     log.addHandler(handler)
     log.propagate = False
+    if error is not None:
+        log.error("%s; logging to stderr", error)
+    return error
 
 
 def ensure_standard_fds():
@@ -2458,7 +2485,10 @@ def open_listeners(daemon, config):
 
 def main(argv=None):
     config = parse_args(argv)
-    setup_logging(config)
+    try:
+        setup_logging(config)
+    except ConfigError:
+        return 1  # already logged to stderr, as one line
     ensure_standard_fds()
     daemon = Daemon(config)
     try:

@@ -61,11 +61,12 @@ def time_limit():
 class Daemon:
     """An execd.py process on a private unix socket (plus any extra --listen)."""
 
-    def __init__(self, directory, *extra_args, python=PYTHON, listen_unix=True, env=None):
+    def __init__(self, directory, *extra_args, python=PYTHON, listen_unix=True, env=None,
+                 script=EXECD):
         self.directory = str(directory)
         self.socket = os.path.join(self.directory, "execd.sock")
         self.destination = "unix:" + self.socket
-        argv = [python, EXECD] + (["--listen", self.destination] if listen_unix else [])
+        argv = [python, script] + (["--listen", self.destination] if listen_unix else [])
         argv += list(extra_args)
         self.lines = []
         self.ready = threading.Event()
@@ -128,9 +129,9 @@ def daemon(tmp_path):
 
 
 def execc(daemon, *command, options=(), input=None, timeout=60, python=PYTHON,
-          env=None, **kwargs):
+          env=None, script=EXECC, **kwargs):
     """Run execc.py with options, destination and command; return CompletedProcess."""
-    argv = [python, EXECC] + list(options) + [daemon.destination, "--"] + list(command)
+    argv = [python, script] + list(options) + [daemon.destination, "--"] + list(command)
     return subprocess.run(argv, input=input, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, timeout=timeout, env=env, **kwargs)
 
@@ -659,11 +660,10 @@ def test_bad_env_is_usage_error(daemon, entry):
     env = dict(os.environ)
     env.pop("PIPE_TEST_UNSET_VAR", None)
     result = execc(daemon, "true", options=["--env", entry], env=env)
-    errors = [line for line in result.stderr.splitlines() if b"error:" in line]
-    assert result.returncode == 2
+    assert result.returncode == 255
     assert b"Traceback" not in result.stderr
-    assert len(errors) == 1
-    assert b"--env" in errors[0]
+    assert len(result.stderr.splitlines()) == 1
+    assert b"--env" in result.stderr
 
 
 # --- Pipe mode: execc's own failures -----------------------------------------------
@@ -1592,14 +1592,15 @@ def test_login_shell_refuses_T(daemon):
     result = subprocess.run([PYTHON, EXECC, "-T", daemon.destination],
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, timeout=20)
-    assert result.returncode == 2
+    assert result.returncode == 255
     assert b"login shell needs a pty" in result.stderr
 
 
 @pytest.mark.parametrize("escape", ["ab", "^1", "\u00e9"])
 def test_invalid_escape_option_refused(daemon, escape):
     result = execc(daemon, "true", options=["-t", "-e", escape], stdin=subprocess.DEVNULL)
-    assert result.returncode == 2
+    assert result.returncode == 255
+    assert len(result.stderr.splitlines()) == 1
     assert b"invalid -e" in result.stderr
 
 
@@ -2243,6 +2244,18 @@ def sec_open_dir():
 
 
 @pytest.fixture
+def sec_scripts(sec_open_dir):
+    """Copy both scripts where uid 65534 can read them: the checkout may be private."""
+    copies = []
+    for script in (EXECC, EXECD):
+        copy = os.path.join(sec_open_dir, os.path.basename(script))
+        shutil.copyfile(script, copy)
+        os.chmod(copy, 0o644)
+        copies.append(copy)
+    return copies
+
+
+@pytest.fixture
 def sec_nogroup():
     try:
         return grp.getgrnam("nogroup").gr_gid
@@ -2377,10 +2390,11 @@ def test_client_rejects_foreign_default_socket(tmp_path, sec_root):
 
 # --- SO_PEERCRED: who may use a unix socket -------------------------------------
 
-def test_socket_group_member_accepted(sec_open_dir, sec_root, sec_nogroup):
+def test_socket_group_member_accepted(sec_open_dir, sec_scripts, sec_root, sec_nogroup):
     d = Daemon(sec_open_dir, "--socket-group", "nogroup")
     try:
         result = execc(d, "echo", "member", python=sec_python_for_nobody(),
+                       script=sec_scripts[0],
                        preexec_fn=sec_drop_to(SEC_NOBODY, SEC_OTHER_GID, [sec_nogroup]))
         assert result.returncode == 0
         assert result.stdout == b"member\n"
@@ -2389,13 +2403,15 @@ def test_socket_group_member_accepted(sec_open_dir, sec_root, sec_nogroup):
 
 
 @pytest.mark.parametrize("group_args", [(), ("--socket-group", "nogroup")])
-def test_peer_of_other_uid_rejected(sec_open_dir, sec_root, sec_nogroup, group_args):
+def test_peer_of_other_uid_rejected(sec_open_dir, sec_scripts, sec_root, sec_nogroup,
+                                    group_args):
     d = Daemon(sec_open_dir, *group_args)
     try:
         # The socket mode is the first guard.  With the mode opened up, the
         # second guard, the SO_PEERCRED check, must still reject the peer.
         os.chmod(d.socket, 0o666)
         result = execc(d, "echo", "outsider", python=sec_python_for_nobody(),
+                       script=sec_scripts[0],
                        preexec_fn=sec_drop_to(SEC_NOBODY, SEC_OTHER_GID))
         assert result.returncode == 255
         assert result.stdout == b""
@@ -2406,11 +2422,12 @@ def test_peer_of_other_uid_rejected(sec_open_dir, sec_root, sec_nogroup, group_a
         d.stop()
 
 
-def test_socket_group_member_cannot_switch_user(sec_open_dir, sec_root, sec_nogroup):
+def test_socket_group_member_cannot_switch_user(sec_open_dir, sec_scripts, sec_root,
+                                                sec_nogroup):
     d = Daemon(sec_open_dir, "--socket-group", "nogroup")
     try:
         result = execc(d, "id", "-u", options=["--user", "nobody"],
-                       python=sec_python_for_nobody(),
+                       python=sec_python_for_nobody(), script=sec_scripts[0],
                        preexec_fn=sec_drop_to(SEC_NOBODY, SEC_OTHER_GID, [sec_nogroup]))
         assert result.returncode == 255
         assert b"only root or a token-authenticated client" in result.stderr
@@ -2737,12 +2754,12 @@ def test_unknown_group_is_clear_error(daemon):
     assert b"unknown group 'nosuchgroup'" in result.stderr
 
 
-def test_non_root_daemon_rejects_user_switch(sec_open_dir, sec_root):
+def test_non_root_daemon_rejects_user_switch(sec_open_dir, sec_scripts, sec_root):
     os.chown(sec_open_dir, SEC_NOBODY, SEC_NOBODY)
     launcher = sec_launcher(sec_open_dir, "as-nobody", "os.setgroups([]); os.setgid(%d); "
                             "os.setuid(%d)" % (SEC_NOBODY, SEC_NOBODY),
                             interpreter=sec_python_for_nobody())
-    d = Daemon(sec_open_dir, python=launcher)
+    d = Daemon(sec_open_dir, python=launcher, script=sec_scripts[1])
     try:
         assert os.stat(d.socket).st_uid == SEC_NOBODY
         result = execc(d, "id", "-u", options=["--user", "root"])
@@ -3201,3 +3218,68 @@ def test_soak_sessions_leave_no_leaks(tmp_path):
         assert d.proc.poll() is None
     finally:
         d.stop()
+
+
+# ==============================================================================
+# Regressions found by trying the product as a new user
+# ==============================================================================
+
+def test_signal_right_after_request_delivered(daemon):
+    # A raw client that sends SIGNAL at once, before the command's exec, used
+    # to lose it: the process group did not exist yet.
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(20)
+    sock.connect(daemon.socket)
+    hello = json.dumps({"protocol": 1}).encode()
+    request = json.dumps({"argv": ["sleep", "30"], "tty": False}).encode()
+    signal_frame = json.dumps({"signal": "TERM"}).encode()
+    frames = b""
+    for frame_type, payload in ((0x01, hello), (0x04, request), (0x12, signal_frame)):
+        frames += struct.pack("!IB", len(payload), frame_type) + payload
+    sock.sendall(frames)
+    data = b""
+    started = time.monotonic()
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    sock.close()
+    assert time.monotonic() - started < 10
+    assert b'"signal":"TERM"' in data
+
+
+def test_bad_log_file_is_one_line(tmp_path):
+    result = subprocess.run([PYTHON, EXECD, "--log-file", str(tmp_path / "no" / "log"),
+                             "--listen", "unix:" + str(tmp_path / "s.sock")],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, timeout=20)
+    assert result.returncode == 1
+    assert b"Traceback" not in result.stderr
+    assert len(result.stderr.splitlines()) == 1
+    assert b"cannot open --log-file" in result.stderr
+
+
+def test_empty_command_rejected(daemon):
+    result = execc(daemon, "")
+    assert result.returncode == 255
+    assert len(result.stderr.splitlines()) == 1
+    assert b"empty string" in result.stderr
+
+
+def test_daemon_usage_error_is_one_line():
+    result = subprocess.run([PYTHON, EXECD, "--max-frame", "10"], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=20)
+    assert result.returncode == 2
+    assert len(result.stderr.splitlines()) == 1
+    assert b"--max-frame" in result.stderr
+
+
+def test_bad_tls_fingerprint_is_usage_error():
+    # The value is checked before any connection: nothing listens on port 1.
+    result = subprocess.run([PYTHON, EXECC, "--tls", "--tls-fingerprint", "zz",
+                             "127.0.0.1:1", "--", "true"], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=20)
+    assert result.returncode == 255
+    assert len(result.stderr.splitlines()) == 1
+    assert b"64 hex digits" in result.stderr
