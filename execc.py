@@ -357,53 +357,68 @@ def apply_flag(args, name):
 
 
 def check_args(args):
-    """Validate option values; usage_error() prints one line and exits 2."""
+    """Validate option values; usage_error() prints one line and exits 255."""
     try:
         args.address = parse_address(args.destination or default_socket_path())
     except ValueError as e:
         usage_error(str(e))
-    args.environment = {}
-    for entry in args.env:
+    if args.command and not args.command[0]:
+        usage_error("the command after -- is an empty string")
+    args.environment = parse_env(args.env)
+    args.escape_byte = parse_escape(args.escape)
+    check_tls(args)
+    if args.tty is None:
+        args.tty = not args.command or (os.isatty(STDIN_FILENO) and os.isatty(STDOUT_FILENO))
+    elif not args.tty and not args.command:
+        usage_error("a login shell needs a pty: drop -T, or give a command after --")
+
+
+def parse_env(entries):
+    """Turn --env KEY=VALUE and --env KEY entries into a dict."""
+    environment = {}
+    for entry in entries:
         key, sep, value = entry.partition("=")
-        if not key:
+        if not key or "\0" in entry:
             usage_error("invalid --env %r: expected KEY=VALUE with a non-empty KEY" % entry)
         if not sep:
             if key not in os.environ:
                 usage_error("invalid --env %r: %s is not set here; use --env %s=VALUE"
-                             % (entry, key, key))
+                            % (entry, key, key))
             value = os.environ[key]
-        if not key or "\0" in entry:
-            usage_error("invalid --env %r: expected KEY=VALUE with a non-empty KEY" % entry)
-        args.environment[key] = value
-    if args.escape == "none":
-        args.escape_byte = None
-    elif len(args.escape) == 1 and ord(args.escape) < 128:
-        args.escape_byte = ord(args.escape)
-    elif len(args.escape) == 2 and args.escape[0] == "^" and "@" <= args.escape[1].upper() <= "_":
-        args.escape_byte = ord(args.escape[1].upper()) - 64
-    else:
-        usage_error("invalid -e %r: expected one ASCII character, ^X, or 'none'" % args.escape)
+        environment[key] = value
+    return environment
+
+
+def parse_escape(text):
+    """Return the escape character's byte value, or None for "none"."""
+    if text == "none":
+        return None
+    if len(text) == 1 and ord(text) < 128:
+        return ord(text)
+    if len(text) == 2 and text[0] == "^" and "@" <= text[1].upper() <= "_":
+        return ord(text[1].upper()) - 64
+    usage_error("invalid -e %r: expected one ASCII character, ^X, or 'none'" % text)
+
+
+def check_tls(args):
+    """Check that the TLS options form one way to verify a TCP daemon."""
     if (args.tls_ca or args.tls_fingerprint) and not args.tls:
         usage_error("--tls-ca and --tls-fingerprint need --tls")
-    if args.tls and args.tls_ca and args.tls_fingerprint:
+    if not args.tls:
+        return
+    if args.tls_ca and args.tls_fingerprint:
         usage_error("give --tls-ca or --tls-fingerprint, not both")
-    if args.tls and not (args.tls_ca or args.tls_fingerprint):
+    if not (args.tls_ca or args.tls_fingerprint):
         usage_error("--tls needs --tls-ca FILE or --tls-fingerprint SHA256 to verify the daemon")
-    if args.tls and args.address[0] != "tcp":
+    if args.address[0] != "tcp":
         usage_error("--tls is for TCP destinations; %s is a unix socket"
-                     % format_address(args.address))
-    if args.command and not args.command[0]:
-        usage_error("the command after -- is an empty string")
+                    % format_address(args.address))
     if args.tls_fingerprint is not None:
         digits = args.tls_fingerprint.replace(":", "").lower()
         if len(digits) != 64 or any(d not in "0123456789abcdef" for d in digits):
             usage_error("invalid --tls-fingerprint %r: expected 64 hex digits (SHA-256), "
                         "for example from: openssl x509 -in CERT -noout -fingerprint "
                         "-sha256" % args.tls_fingerprint)
-    if args.tty is None:
-        args.tty = not args.command or (os.isatty(STDIN_FILENO) and os.isatty(STDOUT_FILENO))
-    elif not args.tty and not args.command:
-        usage_error("a login shell needs a pty: drop -T, or give a command after --")
 
 
 # --- Connecting and the handshake ---------------------------------------------
