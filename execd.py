@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """execd: the daemon that runs commands for execc clients, as `lxc exec` does.
 
-execd listens on a unix socket (by default) or on TCP, and for each client
-connection runs one command: its argv directly, with no shell, in a new session
-and process group, with either pipes (stdout and stderr kept apart) or a pty as
-its terminal.  It streams stdin in and output out, forwards signals and window
+execd listens on a unix socket (by default) or on TCP, and runs one command
+for each client connection.  The argv is exec'd directly, with no shell, in a
+new session and process group, with either pipes (stdout and stderr kept
+apart) or a pty as its terminal.  It streams stdin in and output out, forwards signals and window
 sizes, and reports the exit status, or the signal that killed the command.
 One process with one `selectors` loop serves every session.  It needs only the
 Python standard library, 3.6 or newer, and runs when copied alone onto a host.
@@ -666,8 +666,8 @@ class OutputStream:
     def queue_splice(self):
         """Queue the bytes waiting in the pipe as one spliced frame.
 
-        Returns False when the pipe is empty: then a read() tells end of
-        file from a spurious wakeup.
+        Returns False when the pipe is empty.  The read() that follows then
+        distinguishes end of file from a spurious wakeup.
         """
         count = min(pending_bytes(self.fd), PIPE_SIZE)
         if self.budget is not None:
@@ -741,8 +741,8 @@ class OutputStream:
 class StdinSink:
     """The command's stdin: a pipe's write end, or a dup of the pty master.
 
-    Bytes wait in `pending` until the fd is writable; every byte written (or
-    dropped because the command closed its stdin) is granted back to the
+    Bytes wait in `pending` until the fd is writable.  Every byte written, or
+    dropped because the command closed its stdin, is granted back to the
     client as STDIN_WINDOW credit, so pending never exceeds the window.
     """
 
@@ -894,11 +894,13 @@ class Session:
         # Every fd made before the fork, so abandon_start() can close them
         # when a later pipe, pty or fork fails (EMFILE, EAGAIN).
         self.start_fds = [self.errpipe_read, errpipe_write]
+
         if self.tty:
             child_fds, parent_fds, stdin_fd = self.open_pty()
         else:
             child_fds, parent_fds, stdin_fd = self.open_pipes()
         tty_slave = child_fds[0] if self.tty else None
+
         self.pid = os.fork()
         if self.pid == CHILD:
             # child: run_child closes the parent's ends (close_inherited_fds).
@@ -908,6 +910,7 @@ class Session:
         for fd in set(child_fds):
             os.close(fd)
         self.start_fds = []
+
         # SIGCHLD is only handled in the event loop, after this returns, so
         # the pid is registered before it can possibly be reaped.
         self.daemon.children[self.pid] = self
@@ -2191,7 +2194,7 @@ class Daemon:
         """Best-effort fatal ERROR to a peer that gets no Connection, then close.
 
         NOTE: on TCP, a HELLO that arrives after this close draws a reset,
-        which can discard the ERROR before the client reads it; the client
+        which can discard the ERROR before the client reads it.  The client
         then reports a lost connection instead of this message.
         """
         try:
@@ -2275,7 +2278,7 @@ def resolve_user(request, connection):
     """Return (name, uid, gid) for --user/--group, or None to stay as we are.
 
     Switching is honoured only for a root daemon, and only for a root peer on
-    a unix socket or a token-authenticated TCP peer; anything else is an
+    a unix socket or a token-authenticated TCP peer.  Anything else is an
     error, never a silent run as the daemon's user.
     """
     user_name, group_name = request["user"], request["group"]
