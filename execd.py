@@ -2251,16 +2251,18 @@ class Daemon:
             # No command: the login shell, named with a leading "-" as login(1) does.
             executable = account.pw_shell or "/bin/sh"
             argv = ["-" + os.path.basename(executable)]
+        # A missing home directory means "/" for both, as login(1) does it.
+        home = account.pw_dir if os.path.isdir(account.pw_dir) else "/"
         env = dict(os.environ)
         if request["tty"]:
             env["TERM"] = request["term"] or "dumb"
         if user is not None or not request["argv"]:
-            env.update(HOME=account.pw_dir, USER=account.pw_name,
+            env.update(HOME=home, USER=account.pw_name,
                        LOGNAME=account.pw_name, SHELL=account.pw_shell or "/bin/sh")
         env.update(request["env"])
         cwd = request["cwd"]
         if cwd is None:
-            cwd = account.pw_dir if os.path.isdir(account.pw_dir) else "/"
+            cwd = home
         return LaunchPlan(os.fsencode(executable), [os.fsencode(arg) for arg in argv],
                           {os.fsencode(k): os.fsencode(v) for k, v in env.items()},
                           os.fsencode(cwd), user)

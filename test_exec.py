@@ -2715,11 +2715,11 @@ SEC_SHOW_IDENTITY = ('id -u; id -G; echo "$HOME|$USER|$LOGNAME|$SHELL"; pwd')
 
 
 def sec_expected_identity(name):
-    """Return what SEC_SHOW_IDENTITY prints for user name, with cwd / if home is missing."""
+    """Return what SEC_SHOW_IDENTITY prints for user name; HOME and cwd are / if home is missing."""
     account = pwd.getpwnam(name)
     home = account.pw_dir if os.path.isdir(account.pw_dir) else "/"
     return ("%d\n%d\n%s|%s|%s|%s\n%s\n" % (
-        account.pw_uid, account.pw_gid, account.pw_dir, name, name,
+        account.pw_uid, account.pw_gid, home, name, name,
         account.pw_shell, home)).encode()
 
 
