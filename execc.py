@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """execc: run a command through an execd daemon, the way `lxc exec` does.
 
-execc connects to execd (a unix socket by default, or TCP with a token),
-has it run COMMAND, and behaves as if COMMAND ran here: stdin goes in with
+execc connects to execd (a unix socket by default, or TCP with a token) and
+has it run COMMAND.  Then it behaves as if COMMAND ran here: stdin goes in with
 its end of file, stdout and stderr come back byte-exact and separate (or, in
 pty mode, as one terminal), signals sent to execc reach the command, and
 execc exits with the command's status.  It needs only the Python standard

@@ -29,7 +29,7 @@ Every message in both directions is a frame: a 5-byte header, then the payload.
 Control payloads are UTF-8 JSON objects; data payloads are raw bytes.  Before
 authentication a frame may carry at most MAX_PREAUTH_FRAME (4096) bytes, and
 after it at most --max-frame (default 1 MiB); a larger length, an unknown type
-or a frame out of order is answered with a fatal ERROR frame and a close.
+or a frame out of order gets a fatal ERROR frame in reply, then a close.
 Unknown JSON keys are ignored, so later minor additions stay compatible.
 
 Frame types, in the order a session uses them (C = client, D = daemon):
@@ -115,6 +115,7 @@ import json
 import logging
 import os
 import pwd
+import select
 import selectors
 import signal
 import socket
@@ -186,7 +187,7 @@ EXIT_NOT_EXECUTABLE = 126
 EXIT_NOT_FOUND = 127
 
 # Pty drain: after the command exits, wait this long for more output when a
-# background process still holds the terminal, but never longer than the max.
+# background process keeps the terminal open, but never longer than the max.
 PTY_DRAIN_QUIET = 0.1
 PTY_DRAIN_MAX = 1.0
 
@@ -554,7 +555,7 @@ TRANSITIONS = {
 
 def poll_hangup(fd):
     """Return True when every writer of a pipe or pty slave has closed it."""
-    import select  # the module behind selectors; poll() shows POLLHUP directly
+    # poll() rather than a selector: it reports POLLHUP directly.
     poller = select.poll()
     poller.register(fd, select.POLLIN)
     return any(event & select.POLLHUP for _, event in poller.poll(0))
@@ -563,7 +564,7 @@ def poll_hangup(fd):
 class PipePayload:
     """A frame payload that stays in the command's pipe until spliced out.
 
-    The connection's queue holds it after its frame header; the connection
+    The connection's queue contains it after its frame header; the connection
     splices `remaining` bytes from fd into the socket, then calls on_sent.
     """
 
@@ -590,7 +591,7 @@ class OutputStream:
 
     The drain rule lives here.  Take `sh -c 'echo done; yes > log &'` or
     `sh -c 'sleep 100 &'`: the foreground command has exited, but a
-    background job still holds the write end, so EOF may never come.  When
+    background job keeps the write end open, so EOF may never come.  When
     the command is reaped (start_drain):
       * no writer is left (POLLHUP): read to EOF, which is exact and bounded;
       * pipe still held: read exactly the bytes already in the pipe
@@ -2369,6 +2370,7 @@ def parse_args(argv):
                              "they can then run anything as the daemon's user")
     parser.add_argument("--tls-cert", metavar="FILE", help="TLS certificate (PEM) for TCP")
     parser.add_argument("--tls-key", metavar="FILE", help="TLS private key (PEM) for TCP")
+
     parser.add_argument("--max-frame", type=positive_int, default=DEFAULT_MAX_FRAME,
                         metavar="BYTES", help="max frame payload after authentication, "
                         "at least 65536 (default: %(default)s)")
@@ -2385,12 +2387,14 @@ def parse_args(argv):
     parser.add_argument("--keepalive", type=positive_int, default=30, metavar="SECONDS",
                         help="TCP keepalive idle time; a vanished peer is dropped about "
                         "2x this later (default: %(default)s)")
+
     parser.add_argument("--log-file", metavar="FILE", help="log here instead of stderr")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="log more (debug: every state change)")
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
     parser.add_argument("--version", action="version", version="execd %s (protocol %d)"
                         % (VERSION, PROTOCOL_VERSION))
+
     config = parser.parse_args(argv)
     if config.max_frame < READ_SIZE:
         parser.error("--max-frame %d is too small: use at least %d" % (config.max_frame, READ_SIZE))

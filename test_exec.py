@@ -76,7 +76,7 @@ class Daemon:
         self.reader = threading.Thread(target=self._read_log, daemon=True)
         self.reader.start()
         # The reader sets ready at the "listening on" line, or at end of file
-        # when the daemon exits during start-up; the poll() tells them apart.
+        # when the daemon exits during start-up; the poll() distinguishes them.
         if not self.ready.wait(20) or self.proc.poll() is not None:
             self.stop()
             raise RuntimeError("execd did not start:\n" + self.log)
@@ -1865,7 +1865,7 @@ def test_escape_split_across_reads(daemon, pty_terminals):
     terminal = pty_terminals(execc_argv(daemon, "sleep", "30"))
     pty_running(daemon, terminal, "sleep")
     terminal.write(b"~")
-    time.sleep(0.2)  # no event to wait for, because execc holds the "~" back
+    time.sleep(0.2)  # no event to wait for, because execc keeps the "~" back
     terminal.write(b".")
     assert terminal.wait() == 255
 
@@ -2176,7 +2176,7 @@ def sec_find_python_for_nobody():
                                    preexec_fn=sec_drop_to(SEC_NOBODY, SEC_NOBODY),
                                    timeout=30)
         except OSError:
-            continue  # EACCES: a directory on its path is closed to nobody
+            continue  # EACCES: a directory on its path is closed to uid 65534
         if probe.returncode == 0:
             return candidate
     return None
@@ -2525,7 +2525,7 @@ def test_failed_auth_logged_with_peer_address(tmp_path):
     d = sec_tcp_daemon(tmp_path)
     try:
         sec_wrong_token_attempt(d.tcp_port())
-        d.wait_for_log(r"connection from 127\.0\.0\.1:\d+: authentication failed")
+        assert d.wait_for_log(r"connection from 127\.0\.0\.1:\d+: authentication failed")
     finally:
         d.stop()
 
